@@ -1,0 +1,194 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * wgmanager datapath: steer pod-to-pod traffic for remote nodes into the WireGuard device,
+ * and drop (never leak) traffic to cluster pod CIDRs whose peer is not ready.
+ *
+ * Two entry points share one set of maps:
+ *   from_pod     tc ingress of a pod's host-side veth: every packet a pod sends, before the
+ *                CNI routes or encapsulates it. Works with any CNI routing mode.
+ *   to_underlay  tc egress of the node's uplink: the guard. Whatever is about to leave the
+ *                node from a local pod address towards a remote pod CIDR (a pod whose veth
+ *                is not attached yet, a CNI that routes around us) is redirected or dropped.
+ *
+ * The cidrs map is an LPM trie over IPv6 keys; IPv4 is stored IPv4-mapped (::ffff:a.b.c.d,
+ * prefix + 96), so one lookup serves both families and the cost stays flat in its size.
+ * Built by bcc with -DWGM_PIN_DIR="/sys/fs/bpf/..." -DWGM_MAX_CIDRS=N; maps are pinned there
+ * so a restarted agent reuses them (and their entries) with no gap.
+ */
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/ipv6.h>
+#include <uapi/linux/pkt_cls.h>
+#include <uapi/linux/udp.h>
+
+#ifndef WGM_PIN_DIR
+#error "WGM_PIN_DIR must be defined (a bpffs directory)"
+#endif
+#ifndef WGM_MAX_CIDRS
+#define WGM_MAX_CIDRS 65536
+#endif
+
+/* Map values; keep in step with wgmanager.core.model.Action. */
+#define ACTION_LOCAL 1
+#define ACTION_REDIRECT 2
+#define ACTION_DROP 3
+
+/* Counter slots; keep in step with wgmanager.datapath.bpf.Counter. */
+#define CNT_PASSED 0
+#define CNT_REDIRECTED 1
+#define CNT_DROPPED_NOT_READY 2
+#define CNT_DROPPED_NO_DEVICE 3
+#define CNT_OVERSIZE 4
+#define CNT_MAX 5
+
+struct cidr_key {
+    u32 prefixlen;
+    u8 addr[16];
+};
+
+struct cidr_value {
+    u32 action;
+};
+
+struct wgm_config {
+    u32 wg_ifindex; /* 0 = no device yet: redirects become drops */
+    u32 wg_port;    /* our own WireGuard UDP port, never steered (no loops) */
+    u32 wg_mtu;     /* for the oversize counter */
+    u32 pad;
+};
+
+struct counter {
+    u64 packets;
+    u64 bytes;
+};
+
+BPF_TABLE_PINNED("lpm_trie", struct cidr_key, struct cidr_value, cidrs, WGM_MAX_CIDRS,
+                 WGM_PIN_DIR "/cidrs", BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("array", u32, struct wgm_config, config, 1, WGM_PIN_DIR "/config");
+BPF_TABLE_PINNED("percpu_array", u32, struct counter, counters, CNT_MAX,
+                 WGM_PIN_DIR "/counters");
+
+struct flow {
+    struct cidr_key src;
+    struct cidr_key dst;
+    u8 proto;
+    u16 sport; /* host order; 0 unless UDP */
+};
+
+static __always_inline void count(u32 slot, struct __sk_buff *skb)
+{
+    struct counter *c = counters.lookup(&slot);
+    if (c) {
+        c->packets += 1;
+        c->bytes += skb->len;
+    }
+}
+
+/* Fills flow from an Ethernet frame; returns 0 for IPv4/IPv6, -1 for anything else. */
+static __always_inline int parse(struct __sk_buff *skb, struct flow *f)
+{
+    void *data = (void *)(long)skb->data;
+    void *data_end = (void *)(long)skb->data_end;
+    struct ethhdr *eth = data;
+    void *l4;
+
+    if ((void *)(eth + 1) > data_end)
+        return -1;
+    if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+        struct iphdr *ip = (void *)(eth + 1);
+        if ((void *)(ip + 1) > data_end)
+            return -1;
+        f->src.prefixlen = 128;
+        f->dst.prefixlen = 128;
+        f->src.addr[10] = 0xff;
+        f->src.addr[11] = 0xff;
+        f->dst.addr[10] = 0xff;
+        f->dst.addr[11] = 0xff;
+        __builtin_memcpy(&f->src.addr[12], &ip->saddr, 4);
+        __builtin_memcpy(&f->dst.addr[12], &ip->daddr, 4);
+        f->proto = ip->protocol;
+        l4 = (void *)ip + ip->ihl * 4;
+    } else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+        struct ipv6hdr *ip6 = (void *)(eth + 1);
+        if ((void *)(ip6 + 1) > data_end)
+            return -1;
+        f->src.prefixlen = 128;
+        f->dst.prefixlen = 128;
+        __builtin_memcpy(f->src.addr, &ip6->saddr, 16);
+        __builtin_memcpy(f->dst.addr, &ip6->daddr, 16);
+        f->proto = ip6->nexthdr;
+        l4 = (void *)(ip6 + 1);
+    } else {
+        return -1;
+    }
+    if (f->proto == IPPROTO_UDP) {
+        struct udphdr *udp = l4;
+        if ((void *)(udp + 1) <= data_end)
+            f->sport = bpf_ntohs(udp->source);
+    }
+    return 0;
+}
+
+static __always_inline int steer(struct __sk_buff *skb, struct cidr_value *dst)
+{
+    u32 zero = 0;
+    struct wgm_config *cfg;
+
+    if (dst->action == ACTION_REDIRECT) {
+        cfg = config.lookup(&zero);
+        if (!cfg || cfg->wg_ifindex == 0) {
+            count(CNT_DROPPED_NO_DEVICE, skb);
+            return TC_ACT_SHOT;
+        }
+        if (cfg->wg_mtu && skb->len > cfg->wg_mtu + ETH_HLEN)
+            count(CNT_OVERSIZE, skb);
+        count(CNT_REDIRECTED, skb);
+        /* If the device vanished (wireguard-go restarting) the redirect drops: fail closed. */
+        return bpf_redirect(cfg->wg_ifindex, 0);
+    }
+    count(CNT_DROPPED_NOT_READY, skb);
+    return TC_ACT_SHOT;
+}
+
+int from_pod(struct __sk_buff *skb)
+{
+    struct flow f = {};
+    struct cidr_value *dst;
+
+    if (parse(skb, &f) < 0)
+        goto pass;
+    dst = cidrs.lookup(&f.dst);
+    if (!dst || dst->action == ACTION_LOCAL)
+        goto pass;
+    return steer(skb, dst);
+pass:
+    count(CNT_PASSED, skb);
+    return TC_ACT_OK;
+}
+
+int to_underlay(struct __sk_buff *skb)
+{
+    struct flow f = {};
+    struct cidr_value *src, *dst;
+    u32 zero = 0;
+    struct wgm_config *cfg;
+
+    if (parse(skb, &f) < 0)
+        goto pass;
+    dst = cidrs.lookup(&f.dst);
+    if (!dst || dst->action == ACTION_LOCAL)
+        goto pass;
+    /* Only traffic from local pod addresses is pod-to-pod; host traffic is not ours. */
+    src = cidrs.lookup(&f.src);
+    if (!src || src->action != ACTION_LOCAL)
+        goto pass;
+    cfg = config.lookup(&zero);
+    if (cfg && f.proto == IPPROTO_UDP && f.sport == cfg->wg_port)
+        goto pass; /* our own encrypted packets */
+    return steer(skb, dst);
+pass:
+    count(CNT_PASSED, skb);
+    return TC_ACT_OK;
+}

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# One-command set-up for a fresh Debian 12 machine, as root. Safe to repeat:
+# every step checks before it acts, so a second run takes a few seconds.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+  wireguard-go wireguard-tools       # userspace WireGuard + `wg` for humans
+  python3-bpfcc bpfcc-tools          # the real bcc bindings (PyPI "bcc" is unrelated)
+  python3-venv python3-dev           # venv that sees Debian's bcc module
+  linux-headers-amd64                # headers bcc compiles against
+  iproute2 tcpdump iperf3 iputils-ping procps kmod
+  nftables iptables                  # benchmarks compare against route/rule based tools
+  netcat-openbsd socat ethtool
+)
+
+log() { printf 'setup: %s\n' "$*"; }
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  log "installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+else
+  log "Debian packages present"
+fi
+
+# bcc looks for headers under /lib/modules/$(uname -r)/{build,source}. This kernel
+# ships none, so point both halves at Debian's closest headers (see docs/install.md).
+kdir="/lib/modules/$(uname -r)"
+if [[ ! -e "$kdir/build/include" ]]; then
+  arch_hdr=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n1)
+  common_hdr=$(ls -d /usr/src/linux-headers-*-common 2>/dev/null | sort -V | tail -n1)
+  [[ -n "$arch_hdr" && -n "$common_hdr" ]] || { echo "setup: no kernel headers under /usr/src; install linux-headers-amd64" >&2; exit 1; }
+  mkdir -p "$kdir"
+  ln -sfn "$arch_hdr" "$kdir/build"
+  ln -sfn "$common_hdr" "$kdir/source"
+  log "kernel headers linked: $kdir/build -> $arch_hdr"
+fi
+
+# bpffs for pinned maps.
+if ! mountpoint -q /sys/fs/bpf; then
+  mount -t bpf bpf /sys/fs/bpf && log "mounted bpffs at /sys/fs/bpf"
+fi
+
+# Python virtual environment at .venv; --system-site-packages exposes Debian's bcc.
+if [[ ! -x .venv/bin/python ]] || ! .venv/bin/python -c 'import bcc' 2>/dev/null; then
+  rm -rf .venv
+  /usr/bin/python3 -m venv --system-site-packages .venv
+  log "created .venv"
+fi
+stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
+if [[ ! -e "$stamp" ]]; then
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -e '.[test]'
+  rm -f .venv/.installed-*; touch "$stamp"
+  log "installed wgmanager and test extras into .venv"
+else
+  log ".venv up to date"
+fi
+log "done"

@@ -1,0 +1,198 @@
+"""From node descriptions to the local node's desired peers and datapath map. Pure.
+
+Validation is per node: a node with a bad key, address or CIDR becomes a ``Rejected`` with a
+reason and never changes another node's outcome. Claims that two nodes can make at once (a
+public key, an overlapping pod CIDR) go to the incumbent: a node accepted in the previous mesh
+and unchanged since keeps its claims; otherwise the older node (``created``), then the name,
+wins. So a node that turns bad cannot take traffic away from nodes that were working.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from wgmanager.core.keys import InvalidKey, PublicKey
+from wgmanager.core.model import (
+    Action,
+    DeviceState,
+    Endpoint,
+    IPAddress,
+    IPNetwork,
+    MeshConfig,
+    Node,
+    NodeSpec,
+    PeerConfig,
+    Rejected,
+    network_sort_key,
+)
+
+
+class LocalNodeError(ValueError):
+    """The local node itself cannot be used (missing, or its own data is invalid)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Mesh:
+    """The local node's view of the cluster: who gets a peer, and who does not and why."""
+
+    local: Node
+    nodes: Mapping[str, Node]  # accepted remote nodes by name
+    peers: Mapping[PublicKey, PeerConfig]  # desired WireGuard peers by key
+    rejected: Mapping[str, Rejected] = field(default_factory=dict)
+
+    def peer_for_node(self, name: str) -> PeerConfig | None:
+        node = self.nodes.get(name)
+        return self.peers.get(node.public_key) if node else None
+
+
+def parse_node(spec: NodeSpec) -> Node | Rejected:
+    """Validates one node on its own (no cross-node checks)."""
+    if not spec.name:
+        return Rejected(name="", reason="node has no name")
+    cidrs: list[IPNetwork] = []
+    for text in spec.pod_cidrs:
+        try:
+            cidrs.append(ipaddress.ip_network(text.strip(), strict=True))
+        except ValueError:
+            return Rejected(spec.name, f"pod CIDR {text!r} is not a valid network "
+                            "(host bits set or malformed)", tuple(cidrs))
+    if not cidrs:
+        return Rejected(spec.name, "node has no pod CIDRs (spec.podCIDRs is empty)", pending=True)
+    if len({c.version for c in cidrs}) != len(cidrs):
+        return Rejected(spec.name, "more than one pod CIDR of the same IP family", tuple(cidrs))
+    addresses: list[IPAddress] = []
+    for text in spec.addresses:
+        try:
+            addresses.append(ipaddress.ip_address(text.strip()))
+        except ValueError:
+            continue  # other addresses may still be usable; none at all is rejected below
+    if not addresses:
+        return Rejected(spec.name, "node has no valid InternalIP address", tuple(cidrs))
+    if spec.public_key is None or not spec.public_key.strip():
+        return Rejected(spec.name, "no public key published yet", tuple(cidrs), pending=True)
+    try:
+        key = PublicKey.from_base64(spec.public_key)
+    except InvalidKey as e:
+        return Rejected(spec.name, f"public key annotation is invalid: {e}", tuple(cidrs))
+    return Node(spec.name, tuple(addresses), tuple(cidrs), key)
+
+
+def compute_mesh(
+    *,
+    local_name: str,
+    local_key: PublicKey,
+    specs: Iterable[NodeSpec],
+    config: MeshConfig,
+    previous: Mesh | None = None,
+) -> Mesh:
+    """The desired mesh for ``local_name``. ``previous`` lets incumbents keep their claims."""
+    by_name: dict[str, NodeSpec] = {}
+    for spec in specs:
+        by_name[spec.name] = spec
+    local_spec = by_name.pop(local_name, None)
+    if local_spec is None:
+        raise LocalNodeError(f"node {local_name!r} is not in the node list; "
+                             "check the node name (--node-name / NODE_NAME)")
+    local = parse_node(NodeSpec(local_spec.name, local_spec.addresses, local_spec.pod_cidrs,
+                                local_key.base64(), local_spec.created))
+    if isinstance(local, Rejected):
+        raise LocalNodeError(f"local node {local_name!r} is unusable: {local.reason}")
+
+    rejected: dict[str, Rejected] = {}
+    candidates: list[tuple[Node, NodeSpec]] = []
+    for spec in by_name.values():
+        parsed = parse_node(spec)
+        if isinstance(parsed, Rejected):
+            rejected[spec.name] = parsed
+        else:
+            candidates.append((parsed, spec))
+
+    def priority(item: tuple[Node, NodeSpec]) -> tuple[bool, float, str]:
+        node, spec = item
+        incumbent = previous is not None and previous.nodes.get(node.name) == node
+        return (not incumbent, spec.created, node.name)
+
+    key_owner: dict[PublicKey, str] = {local.public_key: local.name}
+    cidr_owner: list[tuple[IPNetwork, str]] = [(c, local.name) for c in local.pod_cidrs]
+    accepted: dict[str, Node] = {}
+    for node, _spec in sorted(candidates, key=priority):
+        reason = _conflict(node, key_owner, cidr_owner)
+        if reason is not None:
+            rejected[node.name] = Rejected(node.name, reason, node.pod_cidrs)
+            continue
+        endpoint = _endpoint(node, local, config.listen_port)
+        if endpoint is None:
+            family = "IPv6" if local.addresses[0].version == 6 else "IPv4"
+            rejected[node.name] = Rejected(
+                node.name, f"no InternalIP of the local node's underlay family ({family})",
+                node.pod_cidrs)
+            continue
+        key_owner[node.public_key] = node.name
+        cidr_owner.extend((c, node.name) for c in node.pod_cidrs)
+        accepted[node.name] = node
+
+    peers = {
+        n.public_key: PeerConfig(
+            public_key=n.public_key,
+            endpoint=_endpoint(n, local, config.listen_port),
+            allowed_ips=frozenset(n.pod_cidrs),
+            persistent_keepalive=config.persistent_keepalive,
+        )
+        for n in accepted.values()
+    }
+    return Mesh(local=local, nodes=accepted, peers=peers, rejected=rejected)
+
+
+def _conflict(node: Node, key_owner: Mapping[PublicKey, str],
+              cidr_owner: list[tuple[IPNetwork, str]]) -> str | None:
+    owner = key_owner.get(node.public_key)
+    if owner is not None:
+        return f"public key is already used by node {owner!r} (cloned key file?)"
+    for cidr in node.pod_cidrs:
+        for other, other_owner in cidr_owner:
+            if cidr.version == other.version and cidr.overlaps(other):  # type: ignore[arg-type]
+                return f"pod CIDR {cidr} overlaps {other} of node {other_owner!r}"
+    return None
+
+
+def _endpoint(node: Node, local: Node, port: int) -> Endpoint | None:
+    family = local.addresses[0].version
+    for addr in node.addresses:
+        if addr.version == family:
+            return Endpoint(addr, port)
+    return None
+
+
+def datapath_map(mesh: Mesh, device: DeviceState, config: MeshConfig) -> dict[IPNetwork, Action]:
+    """What the eBPF program should do per destination CIDR, given the device as it is.
+
+    A remote CIDR is REDIRECT only once the device really holds a peer with that node's key
+    and that CIDR; until then (and for rejected nodes and the cluster-wide CIDRs) it is DROP,
+    so traffic fails closed rather than leaving in plaintext.
+    """
+    entries: dict[IPNetwork, Action] = {c: Action.LOCAL for c in mesh.local.pod_cidrs}
+    for node in mesh.nodes.values():
+        actual = device.peers.get(node.public_key)
+        for cidr in node.pod_cidrs:
+            ready = actual is not None and cidr in actual.allowed_ips
+            entries[cidr] = Action.REDIRECT if ready else Action.DROP
+    owned = list(entries)
+    for rej in mesh.rejected.values():
+        for cidr in rej.pod_cidrs:
+            if not _overlaps_any(cidr, owned):
+                entries.setdefault(cidr, Action.DROP)
+    for cidr in config.cluster_cidrs:
+        # A catch-all must never shadow a more specific local or remote entry it sits inside.
+        if cidr not in entries and not any(_is_subnet(cidr, o) for o in owned):
+            entries[cidr] = Action.DROP
+    return dict(sorted(entries.items(), key=lambda kv: network_sort_key(kv[0])))
+
+
+def _overlaps_any(cidr: IPNetwork, others: Iterable[IPNetwork]) -> bool:
+    return any(cidr.version == o.version and cidr.overlaps(o) for o in others)  # type: ignore[arg-type]
+
+
+def _is_subnet(inner: IPNetwork, outer: IPNetwork) -> bool:
+    return inner.version == outer.version and inner.subnet_of(outer)  # type: ignore[arg-type]

@@ -1,0 +1,145 @@
+"""Typed values the core computes with and the adapters translate to and from.
+
+Inputs arrive as ``NodeSpec`` (raw strings, as a Kubernetes Node or a mesh file states them)
+and are validated by ``wgmanager.core.mesh`` into ``Node`` or ``Rejected``. Outputs are
+``PeerConfig`` (what the WireGuard device should hold) and ``Action`` per CIDR (what the eBPF
+datapath should do with traffic to it). ``DeviceState`` is the device as read back.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from wgmanager.core.keys import PublicKey
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def network_sort_key(net: IPNetwork) -> tuple[int, int, int]:
+    """Orders mixed IPv4/IPv6 networks deterministically (v4 first)."""
+    return (net.version, int(net.network_address), net.prefixlen)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSpec:
+    """A node as some source states it, before any validation.
+
+    ``created`` orders claims: when two nodes claim the same key or overlapping pod CIDRs,
+    the node that existed first keeps them, so a newly misconfigured node never takes
+    traffic away from an established one. Any monotonic number works (Unix seconds).
+    """
+
+    name: str
+    addresses: tuple[str, ...] = ()
+    pod_cidrs: tuple[str, ...] = ()
+    public_key: str | None = None
+    created: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """A validated remote or local node."""
+
+    name: str
+    addresses: tuple[IPAddress, ...]
+    pod_cidrs: tuple[IPNetwork, ...]
+    public_key: PublicKey
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A node that gets no peer, with the reason an operator can act on.
+
+    ``pod_cidrs`` holds whatever CIDRs parsed, so traffic to them can still fail closed.
+    ``pending`` marks the normal start-up case (no key published yet) as opposed to an error.
+    """
+
+    name: str
+    reason: str
+    pod_cidrs: tuple[IPNetwork, ...] = ()
+    pending: bool = False
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Endpoint:
+    host: IPAddress
+    port: int
+
+    def __str__(self) -> str:
+        if self.host.version == 6:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+    @classmethod
+    def parse(cls, text: str) -> Endpoint:
+        """Parses ``1.2.3.4:51820`` or ``[fd00::1]:51820`` (the UAPI and `wg` format)."""
+        host, sep, port = text.rpartition(":")
+        if not sep or not port.isdigit():
+            raise ValueError(f"endpoint {text!r} is not HOST:PORT")
+        host = host.removeprefix("[").removesuffix("]")
+        # wireguard-go may append a zone to link-local IPv6 hosts; we never use those.
+        host = host.split("%", 1)[0]
+        return cls(ipaddress.ip_address(host), int(port))
+
+
+@dataclass(frozen=True, slots=True)
+class PeerConfig:
+    """The configuration wgmanager wants for one peer."""
+
+    public_key: PublicKey
+    endpoint: Endpoint | None
+    allowed_ips: frozenset[IPNetwork]
+    persistent_keepalive: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PeerState:
+    """One peer as read back from a device: its configuration plus live statistics."""
+
+    public_key: PublicKey
+    endpoint: Endpoint | None
+    allowed_ips: frozenset[IPNetwork]
+    persistent_keepalive: int = 0
+    last_handshake: float | None = None  # Unix seconds, None if never
+    rx_bytes: int = 0
+    tx_bytes: int = 0
+
+    def config(self) -> PeerConfig:
+        return PeerConfig(self.public_key, self.endpoint, self.allowed_ips,
+                          self.persistent_keepalive)
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceState:
+    """A WireGuard device as read back. Holds the public key only, never the private one."""
+
+    name: str
+    public_key: PublicKey | None
+    listen_port: int
+    fwmark: int = 0
+    peers: Mapping[PublicKey, PeerState] = field(default_factory=dict)
+
+
+class Action(enum.IntEnum):
+    """What the eBPF program does with a packet whose destination falls in a CIDR.
+
+    The numbers are the map values in bpf/wg_redirect.c; keep them in step.
+    """
+
+    LOCAL = 1  # a local pod CIDR: leave alone
+    REDIRECT = 2  # a remote pod CIDR whose peer is configured: into the WireGuard device
+    DROP = 3  # a cluster CIDR with no ready peer: fail closed
+
+
+@dataclass(frozen=True, slots=True)
+class MeshConfig:
+    """Cluster-wide settings that shape every node's peers and datapath."""
+
+    listen_port: int = 51820
+    persistent_keepalive: int = 0
+    # CIDRs covering all pod networks; traffic into them that matches no ready peer is dropped.
+    cluster_cidrs: tuple[IPNetwork, ...] = ()

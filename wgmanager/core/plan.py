@@ -1,0 +1,146 @@
+"""Diff desired against actual into the minimal, safely ordered operations. Pure.
+
+WireGuard gives an allowed IP to exactly one peer: adding it to peer B takes it from peer A.
+The plan leans on that. Additions and updates come first, so an allowed IP that moves between
+peers (a node's key changed, a CIDR was reassigned) moves in one step with no gap; only then
+are peers removed and allowed IPs wanted by no peer at all withdrawn. Withdrawing one allowed
+IP never rewrites the peer's other ones (backends do it by handing the IP to a throwaway peer
+that is then removed), so the rest of that peer's traffic is never interrupted.
+
+Datapath map changes follow the same rule: upserts before deletes, so a destination is never
+left matching nothing (which would let it out unencrypted) while its entry is replaced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from wgmanager.core.keys import PublicKey
+from wgmanager.core.model import (
+    Action,
+    Endpoint,
+    IPNetwork,
+    PeerConfig,
+    PeerState,
+    network_sort_key,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class AddPeer:
+    peer: PeerConfig
+
+    @property
+    def public_key(self) -> PublicKey:
+        return self.peer.public_key
+
+
+@dataclass(frozen=True, slots=True)
+class UpdatePeer:
+    """Changes to one existing peer; ``None`` and empty sets mean "leave as is"."""
+
+    public_key: PublicKey
+    endpoint: Endpoint | None = None
+    persistent_keepalive: int | None = None
+    add_allowed_ips: frozenset[IPNetwork] = frozenset()
+    remove_allowed_ips: frozenset[IPNetwork] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class RemovePeer:
+    public_key: PublicKey
+
+
+PeerOp = AddPeer | UpdatePeer | RemovePeer
+
+
+def plan_peers(desired: Mapping[PublicKey, PeerConfig],
+               actual: Mapping[PublicKey, PeerState]) -> list[PeerOp]:
+    """Operations that turn ``actual`` into ``desired``; empty when they already agree."""
+    wanted_anywhere: set[IPNetwork] = set()
+    for peer in desired.values():
+        wanted_anywhere |= peer.allowed_ips
+
+    adds: list[PeerOp] = []
+    updates: list[PeerOp] = []
+    removes: list[PeerOp] = []
+    for key in sorted(desired):
+        want = desired[key]
+        have = actual.get(key)
+        if have is None:
+            adds.append(AddPeer(want))
+            continue
+        endpoint = want.endpoint if want.endpoint != have.endpoint else None
+        keepalive = (want.persistent_keepalive
+                     if want.persistent_keepalive != have.persistent_keepalive else None)
+        add_ips = want.allowed_ips - have.allowed_ips
+        # IPs another desired peer wants are taken over by that peer's op: never withdraw them
+        # here, or the withdrawal (run later) would take them back from their new owner.
+        remove_ips = have.allowed_ips - want.allowed_ips - wanted_anywhere
+        if endpoint is None and keepalive is None and not add_ips and not remove_ips:
+            continue
+        updates.append(UpdatePeer(key, endpoint, keepalive, frozenset(add_ips),
+                                  frozenset(remove_ips)))
+    for key in sorted(actual):
+        if key not in desired:
+            removes.append(RemovePeer(key))
+    return adds + updates + removes
+
+
+@dataclass(frozen=True, slots=True)
+class MapPlan:
+    upserts: Mapping[IPNetwork, Action]
+    deletes: tuple[IPNetwork, ...]
+
+    def __bool__(self) -> bool:
+        return bool(self.upserts or self.deletes)
+
+
+def plan_map(desired: Mapping[IPNetwork, Action], actual: Mapping[IPNetwork, Action]) -> MapPlan:
+    upserts = {c: a for c, a in desired.items() if actual.get(c) != a}
+    deletes = tuple(sorted((c for c in actual if c not in desired), key=network_sort_key))
+    return MapPlan(dict(sorted(upserts.items(), key=lambda kv: network_sort_key(kv[0]))), deletes)
+
+
+def apply_peer_ops(actual: Mapping[PublicKey, PeerState],
+                   ops: list[PeerOp]) -> dict[PublicKey, PeerState]:
+    """What a WireGuard device holds after ``ops``: the semantics every backend implements.
+
+    An allowed IP belongs to one peer at a time, so giving it to a peer takes it from any
+    other. Backends are tested against this model and the planner's tests use it.
+    """
+    peers = dict(actual)
+
+    def take(ips: frozenset[IPNetwork], owner: PublicKey) -> None:
+        for key, st in list(peers.items()):
+            if key != owner and st.allowed_ips & ips:
+                peers[key] = _replace(st, allowed_ips=st.allowed_ips - ips)
+
+    for op in ops:
+        if isinstance(op, AddPeer):
+            p = op.peer
+            take(p.allowed_ips, p.public_key)
+            peers[p.public_key] = PeerState(p.public_key, p.endpoint, p.allowed_ips,
+                                            p.persistent_keepalive)
+        elif isinstance(op, UpdatePeer):
+            st = peers.get(op.public_key)
+            if st is None:
+                raise KeyError(f"update of unknown peer {op.public_key.short()}")
+            take(op.add_allowed_ips, op.public_key)
+            peers[op.public_key] = _replace(
+                st,
+                endpoint=op.endpoint if op.endpoint is not None else st.endpoint,
+                persistent_keepalive=(op.persistent_keepalive
+                                      if op.persistent_keepalive is not None
+                                      else st.persistent_keepalive),
+                allowed_ips=(st.allowed_ips | op.add_allowed_ips) - op.remove_allowed_ips,
+            )
+        else:
+            peers.pop(op.public_key, None)
+    return peers
+
+
+def _replace(st: PeerState, **changes: object) -> PeerState:
+    from dataclasses import replace
+    return replace(st, **changes)  # type: ignore[arg-type]

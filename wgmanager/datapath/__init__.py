@@ -1,0 +1,1 @@
+"""The node's datapath: the eBPF steering program, its pinned maps, and links/sysctls."""

@@ -1,0 +1,1 @@
+"""WireGuard device backends: kernel (netlink) and userspace (wireguard-go over UAPI)."""
