@@ -1,2 +1,153 @@
-def main() -> int:
+"""The `wgmanager` command line: a thin layer that builds settings and calls the node code.
+
+Every failure ends in one line on stderr, ``wgmanager: error: <what> ; <fix>``, and a
+non-zero exit; tracebacks are for bugs only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from wgmanager import __version__, config
+from wgmanager.errors import ConfigError, WgmError
+from wgmanager.logs import setup_logging
+from wgmanager.wireguard.backend import BackendMode
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="wgmanager", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"wgmanager {__version__}")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", default="text", choices=["text", "json"])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    k = sub.add_parser("pubkey", help="print this node's public key (creating the key pair)")
+    k.add_argument("--state-dir", type=Path, default=config.DEFAULT_STATE_DIR)
+
+    a = sub.add_parser("apply", help="configure this node once from a static mesh file")
+    a.add_argument("--mesh", type=Path, required=True, help="mesh JSON file (docs/operations.md)")
+    a.add_argument("--node-name", required=True, help="this node's name in the mesh file")
+    _node_flags(a)
+
+    t = sub.add_parser("teardown", help="remove wgmanager's device, filters and maps from "
+                                        "this node (the key is kept)")
+    _node_flags(t)
+    return p
+
+
+def _node_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--state-dir", type=Path, default=config.DEFAULT_STATE_DIR,
+                   help="where the private key lives (default %(default)s)")
+    p.add_argument("--interface", default=config.DEFAULT_IFNAME,
+                   help="WireGuard interface name (default %(default)s)")
+    p.add_argument("--listen-port", type=int, default=None,
+                   help="WireGuard UDP port (default: the mesh's, else 51820)")
+    p.add_argument("--mtu", type=int, default=None,
+                   help="WireGuard MTU (default: uplink MTU - 60 for IPv4, - 80 for IPv6)")
+    p.add_argument("--backend", type=BackendMode, choices=list(BackendMode),
+                   default=BackendMode.AUTO)
+    p.add_argument("--socket-dir", type=Path, default=config.DEFAULT_SOCKET_DIR,
+                   help="wireguard-go UAPI socket directory (default %(default)s)")
+    p.add_argument("--no-spawn-userspace", dest="spawn_userspace", action="store_false",
+                   help="never start wireguard-go (a sidecar runs it)")
+    p.add_argument("--pin-dir", type=Path, default=config.DEFAULT_PIN_DIR,
+                   help="bpffs directory for the datapath maps (default %(default)s)")
+    p.add_argument("--uplink", default=None,
+                   help="underlay device (default: the one holding the node's InternalIP)")
+    p.add_argument("--pod-interfaces", default=config.DEFAULT_POD_INTERFACES,
+                   help="glob of host-side pod veth names (default %(default)s)")
+    p.add_argument("--max-cidrs", type=int, default=65536)
+
+
+def settings_from(args: argparse.Namespace, node_name: str,
+                  listen_port: int) -> config.NodeSettings:
+    if not 576 <= (args.mtu or 1280) <= 65535:
+        raise ConfigError(f"--mtu {args.mtu} is out of range (576-65535)")
+    if len(args.interface) > 15:
+        raise ConfigError(f"--interface {args.interface!r} is longer than 15 characters")
+    return config.NodeSettings(
+        node_name=node_name,
+        state_dir=args.state_dir,
+        wireguard=config.WireGuardSettings(
+            ifname=args.interface, listen_port=listen_port, mtu=args.mtu,
+            backend=args.backend, socket_dir=args.socket_dir,
+            spawn_userspace=args.spawn_userspace),
+        datapath=config.DatapathSettings(
+            pin_dir=args.pin_dir, max_cidrs=args.max_cidrs, uplink=args.uplink,
+            pod_interfaces=args.pod_interfaces),
+    )
+
+
+def cmd_pubkey(args: argparse.Namespace) -> int:
+    from wgmanager.keystore import KeyStore  # noqa: PLC0415
+
+    print(KeyStore(args.state_dir).load_or_create().key.public_key.base64())
     return 0
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from dataclasses import replace  # noqa: PLC0415
+
+    from wgmanager import meshfile  # noqa: PLC0415
+    from wgmanager.node import NodeReconciler  # noqa: PLC0415
+    from wgmanager.wireguard.select import select_backend  # noqa: PLC0415
+
+    mesh = meshfile.load(args.mesh)
+    mesh_config = mesh.config
+    if args.listen_port is not None:
+        mesh_config = replace(mesh_config, listen_port=args.listen_port)
+    settings = settings_from(args, args.node_name, mesh_config.listen_port)
+    reconciler = NodeReconciler(settings, select_backend(settings.wireguard), mesh_config)
+    try:
+        result = reconciler.reconcile(mesh.nodes)
+    finally:
+        reconciler.close()
+    summary = {
+        "node": settings.node_name,
+        "backend": reconciler.backend.kind.value,
+        "interface": settings.wireguard.ifname,
+        "public_key": result.device.public_key.base64() if result.device.public_key else None,
+        "peers": len(result.device.peers),
+        "peer_ops": len(result.peer_ops),
+        "map_changes": len(result.map_plan.upserts) + len(result.map_plan.deletes),
+        "attached": list(result.attached),
+        "rejected": {r.name: r.reason for r in result.mesh.rejected.values()},
+        "seconds": round(result.seconds, 3),
+    }
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_teardown(args: argparse.Namespace) -> int:
+    from wgmanager.node import teardown  # noqa: PLC0415
+    from wgmanager.wireguard.select import select_backend  # noqa: PLC0415
+
+    settings = settings_from(args, "", args.listen_port or config.DEFAULT_LISTEN_PORT)
+    for line in teardown(settings, select_backend(settings.wireguard)):
+        print(line)
+    return 0
+
+
+COMMANDS = {"pubkey": cmd_pubkey, "apply": cmd_apply, "teardown": cmd_teardown}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(level=args.log_level, json_format=args.log_format == "json")
+    try:
+        return COMMANDS[args.command](args)
+    except WgmError as e:
+        print(f"wgmanager: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -54,17 +54,39 @@ def program_source() -> str:
     return src.read_text()
 
 
-def ensure_bpffs(root: Path = Path("/sys/fs/bpf")) -> None:
-    """bpffs is not always mounted (it is not on this project's CI machine); pinning needs it."""
-    if os.path.ismount(root):
+def ensure_bpffs(pin_dir: Path, *, default_root: Path = Path("/sys/fs/bpf")) -> None:
+    """Pinning needs the pin directory on a bpffs that outlives this process.
+
+    bpffs is not always mounted (it is not on this project's CI machine). We mount it only
+    at its standard place; anywhere else is the operator's choice and only checked.
+    """
+    if _fstype_of(pin_dir) == "bpf":
         return
+    if not pin_dir.is_relative_to(default_root) or os.path.ismount(default_root):
+        raise DatapathError(f"pin directory {pin_dir} is not on a bpffs; mount one "
+                            f"(mount -t bpf bpf {default_root}) or choose --pin-dir under it")
     import subprocess  # noqa: PLC0415 - only on a node that has never had bpffs mounted
 
-    res = subprocess.run(["mount", "-t", "bpf", "bpf", str(root)], capture_output=True,
+    res = subprocess.run(["mount", "-t", "bpf", "bpf", str(default_root)], capture_output=True,
                          text=True, check=False)
     if res.returncode != 0:
-        raise DatapathError(f"bpffs is not mounted at {root} and mounting it failed "
-                            f"({res.stderr.strip()}); mount it: mount -t bpf bpf {root}")
+        reason = " ".join(res.stderr.split())
+        raise DatapathError(f"bpffs is not mounted at {default_root} and mounting it failed "
+                            f"({reason}); mount it: mount -t bpf bpf {default_root}")
+
+
+def _fstype_of(path: Path) -> str | None:
+    """The filesystem type of the mount that holds ``path`` (which may not exist yet)."""
+    best, fstype = "", None
+    target = str(path.absolute())
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            mount_point = left.split()[4]
+            inside = target == mount_point or target.startswith(mount_point.rstrip("/") + "/")
+            if inside and len(mount_point) >= len(best):
+                best, fstype = mount_point, right.split()[0]
+    return fstype
 
 
 class Program:
@@ -73,7 +95,7 @@ class Program:
     def __init__(self, *, pin_dir: Path = DEFAULT_PIN_DIR,
                  max_cidrs: int = DEFAULT_MAX_CIDRS) -> None:
         self.pin_dir = pin_dir
-        ensure_bpffs(pin_dir.parent if pin_dir.parent != pin_dir else pin_dir)
+        ensure_bpffs(pin_dir)
         pin_dir.mkdir(parents=True, exist_ok=True)
         self._bpf = _compile(pin_dir, max_cidrs)
         self.fds: dict[Hook, int] = {}

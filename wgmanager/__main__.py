@@ -1,0 +1,5 @@
+import sys
+
+from wgmanager.cli import main
+
+sys.exit(main())

@@ -1,0 +1,185 @@
+"""Simulated nodes and pods as network namespaces, wired like a simple host-gw CNI.
+
+    underlay ns ``{prefix}-ul``: bridge br0 ── veth ── node ns ``{prefix}-n{i}`` (eth0)
+    node ns: pod veths ``veth{j}`` ── pod ns ``{prefix}-n{i}p{j}`` (eth0)
+
+Node i has underlay 10.99.0.i/24 and fd99::i/64, pod CIDRs 10.244.i.0/24 and
+fd00:244:i::/64; pod j is 10.244.i.(10+j) / fd00:244:i::(10+j), reached by /32 and /128
+routes on the node (ptp-CNI style: pods route via 169.254.1.1 / fe80::1, which the host
+veth holds). Remote pod CIDRs route via the remote node's underlay address, in plaintext:
+that is the "encryption off" baseline which wgmanager must take over.
+
+Everything is named with ``prefix``, so ``destroy`` removes exactly what ``create`` made,
+and ``stale_prefixes`` finds what a crashed run left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+UNDERLAY_MTU = 1500
+
+
+@dataclass(frozen=True, slots=True)
+class Pod:
+    name: str
+    netns: str
+    node: str
+    host_ifname: str
+    ipv4: str
+    ipv6: str
+
+
+@dataclass(frozen=True, slots=True)
+class SimNode:
+    name: str
+    netns: str
+    index: int
+    ipv4: str
+    ipv6: str
+    pod_cidr4: str
+    pod_cidr6: str
+    pods: tuple[Pod, ...] = field(default=())
+
+    def spec(self, public_key: str | None) -> dict[str, object]:
+        """The node as a mesh file / Kubernetes Node would describe it."""
+        return {"name": self.name, "addresses": [self.ipv4, self.ipv6],
+                "podCIDRs": [self.pod_cidr4, self.pod_cidr6], "publicKey": public_key}
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    prefix: str
+    underlay_netns: str
+    bridge: str
+    nodes: tuple[SimNode, ...]
+    pod_mtu: int
+
+    @property
+    def pods(self) -> list[Pod]:
+        return [p for n in self.nodes for p in n.pods]
+
+    def node(self, name: str) -> SimNode:
+        return next(n for n in self.nodes if n.name == name)
+
+    def cross_node_pairs(self) -> list[tuple[Pod, Pod]]:
+        return [(a, b) for a in self.pods for b in self.pods if a.node != b.node]
+
+
+def run(args: Sequence[str], *, check: bool = True, input: str | None = None,
+        timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run(list(args), capture_output=True, text=True, input=input,
+                         timeout=timeout, check=False)
+    if check and res.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed ({res.returncode}): {res.stderr.strip()}")
+    return res
+
+
+def ip_batch(netns: str | None, commands: list[str]) -> None:
+    """Runs many `ip` commands in one process (`ip -batch`): fast lab builds."""
+    base = ["ip"] + (["-n", netns] if netns else []) + ["-batch", "-"]
+    run(base, input="\n".join(commands) + "\n")
+
+
+def sysctl(netns: str, assignments: dict[str, str]) -> None:
+    cmd = ["ip", "netns", "exec", netns, "sysctl", "-q", "-w"]
+    run(cmd + [f"{k}={v}" for k, v in assignments.items()])
+
+
+def create(prefix: str, *, nodes: int = 3, pods_per_node: int = 2,
+           pod_mtu: int = UNDERLAY_MTU - 60) -> Topology:
+    """Builds the namespaces; on any failure removes what it made and re-raises."""
+    ul = f"{prefix}-ul"
+    try:
+        run(["ip", "netns", "add", ul])
+        sysctl(ul, {"net.ipv6.conf.all.disable_ipv6": "0"})
+        ip_batch(ul, ["link add br0 type bridge", "link set br0 up",
+                      "link set lo up"])
+        built: list[SimNode] = []
+        for i in range(1, nodes + 1):
+            built.append(_create_node(prefix, ul, i, pods_per_node, pod_mtu))
+        for node in built:
+            routes = []
+            for other in built:
+                if other is node:
+                    continue
+                routes.append(f"route add {other.pod_cidr4} via {other.ipv4}")
+                routes.append(f"route add {other.pod_cidr6} via {other.ipv6}")
+            ip_batch(node.netns, routes)
+        return Topology(prefix, ul, "br0", tuple(built), pod_mtu)
+    except BaseException:
+        destroy(prefix)
+        raise
+
+
+def _create_node(prefix: str, ul: str, i: int, pods_per_node: int, pod_mtu: int) -> SimNode:
+    ns = f"{prefix}-n{i}"
+    ipv4, ipv6 = f"10.99.0.{i}", f"fd99::{i}"
+    run(["ip", "netns", "add", ns])
+    sysctl(ns, {"net.ipv4.ip_forward": "1", "net.ipv6.conf.all.forwarding": "1",
+                "net.ipv6.conf.all.accept_dad": "0", "net.ipv6.conf.default.accept_dad": "0",
+                # production nodes run with strict reverse-path filtering; so do ours
+                "net.ipv4.conf.all.rp_filter": "1", "net.ipv4.conf.default.rp_filter": "1"})
+    ip_batch(None, [f"link add n{i}-{prefix[-6:]} type veth peer name eth0 netns {ns}",
+                    f"link set n{i}-{prefix[-6:]} netns {ul}"])
+    ip_batch(ul, [f"link set n{i}-{prefix[-6:]} master br0", f"link set n{i}-{prefix[-6:]} up"])
+    ip_batch(ns, ["link set lo up", f"link set eth0 mtu {UNDERLAY_MTU}", "link set eth0 up",
+                  f"addr add {ipv4}/24 dev eth0", f"addr add {ipv6}/64 dev eth0 nodad"])
+    pods: list[Pod] = []
+    for j in range(1, pods_per_node + 1):
+        pods.append(_create_pod(prefix, ns, i, j, pod_mtu))
+    return SimNode(f"node{i}", ns, i, ipv4, ipv6, f"10.244.{i}.0/24", f"fd00:244:{i}::/64",
+                   tuple(pods))
+
+
+def _create_pod(prefix: str, node_ns: str, i: int, j: int, mtu: int) -> Pod:
+    ns = f"{prefix}-n{i}p{j}"
+    host_if = f"veth{j}"
+    ipv4, ipv6 = f"10.244.{i}.{10 + j}", f"fd00:244:{i}::{10 + j:x}"
+    run(["ip", "netns", "add", ns])
+    sysctl(ns, {"net.ipv6.conf.all.accept_dad": "0", "net.ipv6.conf.default.accept_dad": "0"})
+    ip_batch(node_ns, [f"link add {host_if} mtu {mtu} type veth peer name eth0 netns {ns}",
+                       f"link set {host_if} up", f"addr add 169.254.1.1/32 dev {host_if}",
+                       f"addr add fe80::1/64 dev {host_if} nodad",
+                       f"route add {ipv4}/32 dev {host_if}",
+                       f"route add {ipv6}/128 dev {host_if}"])
+    ip_batch(ns, ["link set lo up", f"link set eth0 mtu {mtu}", "link set eth0 up",
+                  f"addr add {ipv4}/32 dev eth0", f"addr add {ipv6}/128 dev eth0 nodad",
+                  "route add 169.254.1.1 dev eth0 scope link",
+                  "route add default via 169.254.1.1 dev eth0",
+                  "route add ::/0 via fe80::1 dev eth0"])
+    return Pod(f"node{i}-pod{j}", ns, f"node{i}", host_if, ipv4, ipv6)
+
+
+def namespaces(prefix: str) -> list[str]:
+    res = run(["ip", "netns", "list"], check=False)
+    names = [line.split()[0] for line in res.stdout.splitlines() if line.strip()]
+    return [n for n in names if n == f"{prefix}-ul" or n.startswith(f"{prefix}-n")]
+
+
+def pids_in(netns: str) -> list[int]:
+    res = run(["ip", "netns", "pids", netns], check=False)
+    return [int(p) for p in res.stdout.split()]
+
+
+def destroy(prefix: str) -> None:
+    """Kills every process inside our namespaces, then deletes them. Idempotent."""
+    for ns in namespaces(prefix):
+        for pid in pids_in(ns):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+    for ns in namespaces(prefix):
+        run(["ip", "netns", "del", ns], check=False)
+
+
+@contextlib.contextmanager
+def topology(prefix: str, **kwargs: int) -> Iterator[Topology]:
+    topo = create(prefix, **kwargs)
+    try:
+        yield topo
+    finally:
+        destroy(prefix)

@@ -1,0 +1,341 @@
+"""The kernel WireGuard backend: a `wireguard` link configured over generic netlink (pyroute2).
+
+Why: the in-kernel implementation is the fastest datapath and needs no process to supervise.
+When the kernel lacks it (module not built, not loadable, or no CAP_NET_ADMIN),
+``kernel_unavailable_reason`` says so in one line and the caller can use wireguard-go instead.
+
+pyroute2 messages are translated here, by pure functions the unit tests exercise without a
+kernel, into ``DeviceState``/``PeerState``; nothing raw leaves this module. The device's private
+key arrives in every dump: only its public key is kept. Withdrawing allowed IPs from a peer
+hands them to a throwaway peer that is then removed (see ``wgmanager.core.plan``), so the
+peer's other allowed IPs are never rewritten and its traffic never pauses.
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import gzip
+import ipaddress
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Any
+
+from pyroute2 import IPRoute, WireGuard
+from pyroute2.netlink.exceptions import NetlinkError
+
+from wgmanager.core.keys import KEY_LEN, PrivateKey, PublicKey
+from wgmanager.core.model import DeviceState, Endpoint, IPNetwork, PeerState, network_sort_key
+from wgmanager.core.plan import AddPeer, PeerOp, RemovePeer, UpdatePeer
+from wgmanager.errors import BackendUnavailable, DeviceError
+from wgmanager.wireguard.backend import BackendKind, DeviceSettings
+
+PeerRequest = dict[str, Any]  # the `peer` argument of pyroute2's WireGuard.set()
+
+_NLM_F_DUMP_INTR = 0x10  # the device changed while it was being dumped
+_READ_ATTEMPTS = 3
+# Not a valid interface name (too long, contains '/'): the permission probe reads no device.
+_PROBE_IFNAME = "wgmanager/probe/"
+_FALLBACK = "the userspace backend (wireguard-go) works without it"
+
+
+def _ns_kwargs(netns: str | None) -> dict[str, Any]:
+    # flags=0: never create the namespace as a side effect (pyroute2 defaults to O_CREAT).
+    return {} if netns is None else {"netns": netns, "flags": 0}
+
+
+def _missing_family_reason() -> str:
+    kernel = f"the kernel ({os.uname().release})"
+    try:  # CONFIG_WIREGUARD=y, =m, or absent / "is not set"; unknown without /proc/config.gz
+        with gzip.open("/proc/config.gz", "rt") as f:
+            config = next((ln.strip().partition("=")[2] for ln in f
+                           if ln.startswith("CONFIG_WIREGUARD=")), "n")
+    except OSError:
+        config = "?"
+    if config == "n":
+        why = f"{kernel} was built without WireGuard (CONFIG_WIREGUARD is not set)"
+    elif config == "m":
+        why = (f"{kernel} has WireGuard as a module that is not loaded and could not be"
+               " loaded (try `modprobe wireguard` on the host)")
+    else:
+        why = (f"{kernel} has no 'wireguard' generic netlink family"
+               " (module not built or not loadable)")
+    return f"kernel WireGuard unavailable: {why}; {_FALLBACK}"
+
+
+def _permission_reason() -> str:
+    return (f"kernel WireGuard unavailable: configuring it needs CAP_NET_ADMIN, which this"
+            f" process (uid {os.geteuid()}) lacks; run as root or grant CAP_NET_ADMIN"
+            " (the userspace backend needs it too)")
+
+
+def _open_wireguard(netns: str | None) -> Any:
+    """A bound `wireguard` genl socket this process may use, or BackendUnavailable saying why."""
+    where = f"network namespace {netns!r}" if netns else "the current network namespace"
+    try:
+        wg = WireGuard(**_ns_kwargs(netns))
+    except NetlinkError as e:
+        if e.code == errno.ENOENT:
+            raise BackendUnavailable(_missing_family_reason()) from None
+        if e.code in (errno.EPERM, errno.EACCES):
+            raise BackendUnavailable(_permission_reason()) from None
+        raise BackendUnavailable(f"kernel WireGuard unavailable: looking up its netlink family"
+                                 f" failed: {os.strerror(e.code)}; {_FALLBACK}") from None
+    except FileNotFoundError:
+        raise BackendUnavailable(f"kernel WireGuard unavailable: {where} does not exist;"
+                                 " create it first (ip netns add)") from None
+    except OSError as e:
+        raise BackendUnavailable(f"kernel WireGuard unavailable: cannot open a netlink socket"
+                                 f" in {where}: {e.strerror or e}; run as root") from None
+    try:
+        # Both commands need CAP_NET_ADMIN, checked before the (invalid) name is looked at:
+        # EPERM means no permission; any other answer means permission is fine.
+        wg.info(_PROBE_IFNAME)
+    except NetlinkError as e:
+        if e.code in (errno.EPERM, errno.EACCES):
+            wg.close()
+            raise BackendUnavailable(_permission_reason()) from None
+    return wg
+
+
+def kernel_unavailable_reason(netns: str | None = None) -> str | None:
+    """None when kernel WireGuard can be used here, else one line saying why not."""
+    try:
+        wg = _open_wireguard(netns)
+    except BackendUnavailable as e:
+        return str(e)
+    wg.close()
+    return None
+
+
+_HINTS = {
+    errno.EPERM: "run as root or with CAP_NET_ADMIN",
+    errno.EACCES: "run as root or with CAP_NET_ADMIN",
+    errno.ENODEV: "the device does not exist (deleted underneath us?); create it again",
+    errno.EOPNOTSUPP: "it is not a kernel WireGuard link, or the kernel cannot make one;"
+                      " check `ip -d link show {ifname}`",
+    errno.EEXIST: "a link with that name already exists; check `ip -d link show {ifname}`",
+    errno.EADDRINUSE: "another socket holds the listen port; free it or choose another port",
+    errno.EINVAL: "the kernel rejected a value (port, allowed IP or interface name)",
+    errno.ENOENT: "the wireguard netlink family is gone (module unloaded?); restart wgmanager",
+    errno.ENOMEM: "the kernel is short of memory; retry",
+    errno.ENOBUFS: "the kernel is short of buffer space; retry",
+}
+
+
+def describe_failure(ifname: str, operation: str, code: int) -> str:
+    """The one-line DeviceError message for a failed netlink request."""
+    hint = _HINTS.get(code, "see the kernel log (dmesg)").format(ifname=ifname)
+    return (f"WireGuard device {ifname}: {operation} failed:"
+            f" {os.strerror(code)} [errno {code}]; {hint}")
+
+
+@contextmanager
+def _netlink_op(ifname: str, operation: str) -> Iterator[None]:
+    try:
+        yield
+    except NetlinkError as e:
+        raise DeviceError(describe_failure(ifname, operation, e.code)) from e
+    except OSError as e:
+        raise DeviceError(describe_failure(ifname, operation, e.errno or errno.EIO)) from e
+
+
+# --- netlink messages -> typed values (pure) --------------------------------------------------
+
+def _key_bytes(value: Any) -> bytes:
+    return base64.b64decode(value)  # pyroute2 decodes keys to base64 bytes
+
+
+def _allowed_ip(nla: Any) -> IPNetwork:
+    # The address length (4 or 16 bytes) says the family; pyroute2 decodes it as "0a:00:00:00".
+    raw = bytes.fromhex(nla.get_attr("WGALLOWEDIP_A_IPADDR").replace(":", ""))
+    mask = int(nla.get_attr("WGALLOWEDIP_A_CIDR_MASK"))
+    return ipaddress.ip_network((ipaddress.ip_address(raw), mask), strict=False)
+
+
+def _peer_chunk(nla: Any) -> PeerState:
+    ep = nla.get_attr("WGPEER_A_ENDPOINT")
+    hs = nla.get_attr("WGPEER_A_LAST_HANDSHAKE_TIME")
+    handshake = None
+    if hs is not None and (hs["tv_sec"] or hs["tv_nsec"]):
+        handshake = hs["tv_sec"] + hs["tv_nsec"] / 1e9
+    return PeerState(
+        public_key=PublicKey(_key_bytes(nla.get_attr("WGPEER_A_PUBLIC_KEY"))),
+        endpoint=None if ep is None else Endpoint(ipaddress.ip_address(ep["addr"]),
+                                                  int(ep["port"])),
+        allowed_ips=frozenset(_allowed_ip(a) for a in nla.get_attr("WGPEER_A_ALLOWEDIPS") or ()),
+        persistent_keepalive=int(nla.get_attr("WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL") or 0),
+        last_handshake=handshake,
+        rx_bytes=int(nla.get_attr("WGPEER_A_RX_BYTES") or 0),
+        tx_bytes=int(nla.get_attr("WGPEER_A_TX_BYTES") or 0),
+    )
+
+
+def device_state_from_messages(ifname: str, messages: Iterable[Any]) -> DeviceState:
+    """Merges the messages of one WG_CMD_GET_DEVICE dump into a DeviceState.
+
+    Device attributes come in the first message only; a peer with many allowed IPs continues
+    in the next message as its public key plus the remaining allowed IPs.
+    """
+    public_key: PublicKey | None = None
+    listen_port = fwmark = 0
+    peers: dict[PublicKey, PeerState] = {}
+    for msg in messages:
+        pub = msg.get_attr("WGDEVICE_A_PUBLIC_KEY")
+        if pub is not None:
+            public_key = PublicKey(_key_bytes(pub))
+        elif public_key is None and msg.get_attr("WGDEVICE_A_PRIVATE_KEY") is not None:
+            public_key = PrivateKey(_key_bytes(msg.get_attr("WGDEVICE_A_PRIVATE_KEY"))).public_key
+        listen_port = msg.get_attr("WGDEVICE_A_LISTEN_PORT", listen_port)
+        fwmark = msg.get_attr("WGDEVICE_A_FWMARK", fwmark)
+        for nla in msg.get_attr("WGDEVICE_A_PEERS") or ():
+            chunk = _peer_chunk(nla)
+            seen = peers.get(chunk.public_key)
+            peers[chunk.public_key] = chunk if seen is None else replace(
+                seen, allowed_ips=seen.allowed_ips | chunk.allowed_ips)
+    return DeviceState(ifname, public_key, int(listen_port), int(fwmark), peers)
+
+
+# --- typed operations -> netlink peer requests (pure) -----------------------------------------
+
+def _ips(nets: Iterable[IPNetwork]) -> list[str]:
+    return [str(n) for n in sorted(nets, key=network_sort_key)]
+
+
+def peer_requests(op: PeerOp, throwaway: PublicKey) -> list[PeerRequest]:
+    """The pyroute2 `peer` dicts that carry out ``op``, in order.
+
+    ``throwaway`` is a fresh random key, used only to withdraw allowed IPs: a peer created
+    owning them takes them off their current owner, and removing it drops them.
+    """
+    if isinstance(op, RemovePeer):
+        return [{"public_key": op.public_key.base64(), "remove": True}]
+    if isinstance(op, AddPeer):
+        p = op.peer
+        add: PeerRequest = {"public_key": p.public_key.base64(), "replace_allowed_ips": True,
+                            "allowed_ips": _ips(p.allowed_ips),
+                            "persistent_keepalive": p.persistent_keepalive}
+        if p.endpoint is not None:
+            add.update(endpoint_addr=str(p.endpoint.host), endpoint_port=p.endpoint.port)
+        return [add]
+    reqs: list[PeerRequest] = []
+    upd: PeerRequest = {"public_key": op.public_key.base64(), "update_only": True}
+    if op.endpoint is not None:
+        upd.update(endpoint_addr=str(op.endpoint.host), endpoint_port=op.endpoint.port)
+    if op.persistent_keepalive is not None:
+        upd["persistent_keepalive"] = op.persistent_keepalive
+    if op.add_allowed_ips:
+        upd["allowed_ips"] = _ips(op.add_allowed_ips)
+    if len(upd) > 2:
+        reqs.append(upd)
+    if op.remove_allowed_ips:
+        reqs.append({"public_key": throwaway.base64(),
+                     "allowed_ips": _ips(op.remove_allowed_ips)})
+        reqs.append({"public_key": throwaway.base64(), "remove": True})
+    return reqs
+
+
+def _describe_op(op: PeerOp) -> str:
+    verb = {AddPeer: "add", UpdatePeer: "update", RemovePeer: "remove"}[type(op)]
+    return f"{verb} peer {op.public_key.short()}"
+
+
+class KernelBackend:
+    """A kernel `wireguard` link named ``ifname``, optionally inside network namespace ``netns``."""
+
+    kind = BackendKind.KERNEL
+
+    def __init__(self, ifname: str, *, netns: str | None = None) -> None:
+        self.ifname = ifname
+        self.netns = netns
+        self._wg: Any = _open_wireguard(netns)  # raises BackendUnavailable
+        self._ipr: Any = None
+
+    def close(self) -> None:
+        for sock in (self._wg, self._ipr):
+            if sock is not None:
+                sock.close()
+        self._wg = self._ipr = None
+
+    def _iproute(self) -> Any:
+        if self._ipr is None:
+            with _netlink_op(self.ifname, "open rtnetlink socket"):
+                self._ipr = IPRoute(**_ns_kwargs(self.netns))
+        return self._ipr
+
+    def _link(self) -> tuple[int, str] | None:
+        """(index, kind) of the link named ``ifname``, None if there is none."""
+        with _netlink_op(self.ifname, "look up link"):
+            try:
+                (link,) = self._iproute().link("get", ifname=self.ifname)
+            except NetlinkError as e:
+                if e.code == errno.ENODEV:
+                    return None
+                raise
+        return int(link["index"]), str(link.get(("IFLA_LINKINFO", "IFLA_INFO_KIND")) or "")
+
+    def _foreign(self, kind: str) -> DeviceError:
+        return DeviceError(f"WireGuard device {self.ifname}: a {kind or 'non-WireGuard'} link of"
+                           " that name exists; remove it (`ip link del"
+                           f" {self.ifname}`) or use the userspace backend")
+
+    def device_exists(self) -> bool:
+        link = self._link()
+        return link is not None and link[1] == "wireguard"
+
+    def ensure_device(self) -> bool:
+        link = self._link()
+        if link is not None:
+            if link[1] != "wireguard":
+                raise self._foreign(link[1])
+            return False
+        with _netlink_op(self.ifname, "create (ip link add type wireguard)"):
+            self._iproute().link("add", ifname=self.ifname, kind="wireguard")
+        return True
+
+    def delete_device(self) -> None:
+        link = self._link()
+        if link is None:
+            return
+        if link[1] != "wireguard":
+            raise self._foreign(link[1])
+        with _netlink_op(self.ifname, "delete"):
+            try:
+                self._iproute().link("del", index=link[0])
+            except NetlinkError as e:
+                if e.code != errno.ENODEV:
+                    raise
+
+    def read(self) -> DeviceState:
+        with _netlink_op(self.ifname, "read"):
+            for _ in range(_READ_ATTEMPTS):
+                msgs = self._wg.info(self.ifname)
+                if not any(m["header"]["flags"] & _NLM_F_DUMP_INTR for m in msgs):
+                    return device_state_from_messages(self.ifname, msgs)
+        raise DeviceError(f"WireGuard device {self.ifname}: read failed: the device kept"
+                          " changing while being read (another tool writing to it?); retry")
+
+    def configure(self, settings: DeviceSettings) -> bool:
+        have = self.read()
+        changes: dict[str, Any] = {}
+        if have.public_key != settings.private_key.public_key:
+            changes["private_key"] = settings.private_key.export_base64()
+        if have.listen_port != settings.listen_port:
+            changes["listen_port"] = settings.listen_port
+        if have.fwmark != settings.fwmark:
+            changes["fwmark"] = settings.fwmark
+        if not changes:
+            return False
+        what = ", ".join(sorted(k.replace("_", " ") for k in changes))
+        with _netlink_op(self.ifname, f"set {what}"):
+            self._wg.set(self.ifname, **changes)
+        return True
+
+    def apply(self, ops: Sequence[PeerOp]) -> None:
+        for op in ops:
+            throwaway = PublicKey(os.urandom(KEY_LEN))
+            with _netlink_op(self.ifname, _describe_op(op)):
+                for req in peer_requests(op, throwaway):
+                    self._wg.set(self.ifname, peer=req)

@@ -1,0 +1,153 @@
+"""The cross-platform WireGuard UAPI text protocol: encode requests, parse replies. Pure.
+
+wireguard-go (and every userspace WireGuard) speaks it on a unix socket: ``set=1`` or ``get=1``,
+``key=value`` lines, a blank line ends the request; the reply ends with ``errno=N`` and a blank
+line. Keys are hex here, not base64. Within a peer ``replace_allowed_ips=true`` must precede its
+``allowed_ip`` lines. See https://www.wireguard.com/xplatform/.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Iterable, Sequence
+
+from wgmanager.core.keys import PrivateKey, PublicKey
+from wgmanager.core.model import DeviceState, Endpoint, IPNetwork, PeerState, network_sort_key
+from wgmanager.core.plan import AddPeer, PeerOp, RemovePeer, UpdatePeer
+
+
+class ProtocolError(ValueError):
+    """A reply that does not follow the protocol."""
+
+
+def get_request() -> bytes:
+    return b"get=1\n\n"
+
+
+def set_request(lines: Iterable[str]) -> bytes:
+    body = "".join(f"{line}\n" for line in lines)
+    return f"set=1\n{body}\n".encode()
+
+
+def device_lines(*, private_key: PrivateKey | None = None, listen_port: int | None = None,
+                 fwmark: int | None = None) -> list[str]:
+    lines: list[str] = []
+    if private_key is not None:
+        lines.append(f"private_key={private_key.export_hex()}")
+    if listen_port is not None:
+        lines.append(f"listen_port={listen_port}")
+    if fwmark is not None:
+        lines.append(f"fwmark={fwmark}")
+    return lines
+
+
+def op_lines(op: PeerOp, throwaway: PublicKey | None = None) -> list[str]:
+    """The ``set`` lines for one peer operation.
+
+    Withdrawing allowed IPs hands them to ``throwaway`` (a key no real peer has), which is
+    then removed: the real peer's remaining allowed IPs are never rewritten, so its traffic
+    keeps flowing while one of its CIDRs goes away.
+    """
+    if isinstance(op, AddPeer):
+        p = op.peer
+        lines = [f"public_key={p.public_key.hex()}", "replace_allowed_ips=true"]
+        if p.endpoint is not None:
+            lines.append(f"endpoint={p.endpoint}")
+        lines.append(f"persistent_keepalive_interval={p.persistent_keepalive}")
+        lines += [f"allowed_ip={n}" for n in _sorted(p.allowed_ips)]
+        return lines
+    if isinstance(op, RemovePeer):
+        return [f"public_key={op.public_key.hex()}", "remove=true"]
+    lines = [f"public_key={op.public_key.hex()}", "update_only=true"]
+    if op.endpoint is not None:
+        lines.append(f"endpoint={op.endpoint}")
+    if op.persistent_keepalive is not None:
+        lines.append(f"persistent_keepalive_interval={op.persistent_keepalive}")
+    lines += [f"allowed_ip={n}" for n in _sorted(op.add_allowed_ips)]
+    if op.remove_allowed_ips:
+        tmp = throwaway if throwaway is not None else PublicKey(os.urandom(32))
+        lines.append(f"public_key={tmp.hex()}")
+        lines += [f"allowed_ip={n}" for n in _sorted(op.remove_allowed_ips)]
+        lines += [f"public_key={tmp.hex()}", "remove=true"]
+    return lines
+
+
+def parse_errno(reply: str) -> int:
+    """The errno a reply ends with; the protocol guarantees one per request."""
+    for line in reversed(reply.splitlines()):
+        if line.startswith("errno="):
+            try:
+                return int(line[len("errno="):])
+            except ValueError:
+                break
+    raise ProtocolError("reply has no errno line")
+
+
+def parse_get(ifname: str, reply: str) -> DeviceState:
+    """Parses a ``get`` reply. The private key is reduced to its public key at once."""
+    public: PublicKey | None = None
+    listen_port = 0
+    fwmark = 0
+    peers: dict[PublicKey, PeerState] = {}
+    cur: dict[str, object] | None = None
+
+    def flush() -> None:
+        if cur is not None:
+            st = _peer_state(cur)
+            peers[st.public_key] = st
+
+    for line in reply.splitlines():
+        if not line:
+            continue
+        key, sep, value = line.partition("=")
+        if not sep:
+            raise ProtocolError(f"malformed line in get reply (no '=')")
+        if key == "errno":
+            if value != "0":
+                raise ProtocolError(f"get failed with errno {value}")
+            continue
+        if key == "public_key":
+            flush()
+            cur = {"public_key": PublicKey.from_hex(value), "allowed_ips": []}
+            continue
+        if cur is None:
+            if key == "private_key":
+                public = PrivateKey.from_hex(value).public_key if value.strip("0") else None
+            elif key == "listen_port":
+                listen_port = int(value)
+            elif key == "fwmark":
+                fwmark = int(value)
+            continue
+        if key == "allowed_ip":
+            allowed = cur["allowed_ips"]
+            assert isinstance(allowed, list)
+            allowed.append(ipaddress.ip_network(value, strict=False))
+        else:
+            cur[key] = value
+    flush()
+    return DeviceState(name=ifname, public_key=public, listen_port=listen_port, fwmark=fwmark,
+                       peers=peers)
+
+
+def _peer_state(raw: dict[str, object]) -> PeerState:
+    endpoint = raw.get("endpoint")
+    sec = int(str(raw.get("last_handshake_time_sec", "0")))
+    nsec = int(str(raw.get("last_handshake_time_nsec", "0")))
+    allowed = raw["allowed_ips"]
+    assert isinstance(allowed, list)
+    key = raw["public_key"]
+    assert isinstance(key, PublicKey)
+    return PeerState(
+        public_key=key,
+        endpoint=Endpoint.parse(str(endpoint)) if endpoint else None,
+        allowed_ips=frozenset(allowed),
+        persistent_keepalive=int(str(raw.get("persistent_keepalive_interval", "0"))),
+        last_handshake=(sec + nsec / 1e9) if sec or nsec else None,
+        rx_bytes=int(str(raw.get("rx_bytes", "0"))),
+        tx_bytes=int(str(raw.get("tx_bytes", "0"))),
+    )
+
+
+def _sorted(nets: Iterable[IPNetwork]) -> Sequence[IPNetwork]:
+    return sorted(nets, key=network_sort_key)

@@ -1,0 +1,264 @@
+"""The userspace backend: wireguard-go, configured over its UAPI unix socket.
+
+wireguard-go runs as its own process (started here, or by a sidecar container) in a new
+session, so it outlives the agent: an agent restart leaves the device and its tunnels up.
+wireguard-go always puts its socket in /var/run/wireguard; when several simulated nodes
+share one machine each gets its own ``socket_dir``, which is bind-mounted over
+/run/wireguard inside a private mount namespace made just for that wireguard-go process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from wgmanager.core.model import DeviceState
+from wgmanager.core.plan import AddPeer, PeerOp, RemovePeer
+from wgmanager.errors import BackendUnavailable, DeviceError
+from wgmanager.wireguard import uapi
+from wgmanager.wireguard.backend import BackendKind, DeviceSettings
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SOCKET_DIR = Path("/var/run/wireguard")
+_NATIVE_SOCKET_DIRS = {Path("/var/run/wireguard"), Path("/run/wireguard")}
+
+
+class UapiConnection:
+    """One connection to a UAPI socket; wireguard-go serves many requests per connection."""
+
+    def __init__(self, path: Path, timeout: float) -> None:
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(timeout)
+        try:
+            self._sock.connect(str(path))
+        except OSError:
+            self._sock.close()
+            raise
+        self._buf = b""
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def request(self, payload: bytes) -> str:
+        self._sock.sendall(payload)
+        while True:
+            end = self._buf.find(b"\n\n")
+            if end >= 0 and b"errno=" in self._buf[:end + 1]:
+                reply, self._buf = self._buf[:end + 1], self._buf[end + 2:]
+                return reply.decode()
+            chunk = self._sock.recv(65536)
+            if not chunk:
+                raise DeviceError("the WireGuard UAPI socket closed mid-reply; "
+                                  "wireguard-go may have exited (check its log)")
+            self._buf += chunk
+
+
+class UserspaceBackend:
+    kind = BackendKind.USERSPACE
+
+    def __init__(self, ifname: str, *, socket_dir: Path = DEFAULT_SOCKET_DIR,
+                 spawn: bool = True, binary: str = "wireguard-go",
+                 timeout: float = 5.0) -> None:
+        self.ifname = ifname
+        self.socket_dir = socket_dir
+        self.spawn = spawn
+        self.binary = binary
+        self.timeout = timeout
+
+    @property
+    def socket_path(self) -> Path:
+        return self.socket_dir / f"{self.ifname}.sock"
+
+    @property
+    def pid_path(self) -> Path:
+        return self.socket_dir / f"{self.ifname}.pid"
+
+    @property
+    def log_path(self) -> Path:
+        return self.socket_dir / f"{self.ifname}.log"
+
+    # -- device lifecycle -------------------------------------------------------------
+
+    def device_exists(self) -> bool:
+        try:
+            with self._connect() as conn:
+                conn.request(uapi.get_request())
+        except (FileNotFoundError, ConnectionRefusedError):
+            return False
+        return True
+
+    def ensure_device(self) -> bool:
+        if self.device_exists():
+            return False
+        if not self.spawn:
+            raise BackendUnavailable(
+                f"no wireguard-go socket at {self.socket_path}; start the wireguard-go "
+                "sidecar or let wgmanager spawn it (--userspace-spawn)")
+        self._start_process()
+        return True
+
+    def delete_device(self) -> None:
+        pid = self.pid()
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            _await(lambda: not _alive(pid), self.timeout)
+        with contextlib.suppress(FileNotFoundError):
+            self.pid_path.unlink()
+        if self.socket_path.exists() and not self.device_exists():
+            self.socket_path.unlink()
+
+    def pid(self) -> int | None:
+        """The wireguard-go process we started for this device, if it is still running."""
+        try:
+            pid = int(self.pid_path.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+        return pid if _alive(pid) else None
+
+    def _start_process(self) -> None:
+        if shutil.which(self.binary) is None:
+            raise BackendUnavailable(f"{self.binary} not found; install it (apt-get install "
+                                     "wireguard-go) or use a kernel with WireGuard")
+        if not os.path.exists("/dev/net/tun"):
+            raise BackendUnavailable("/dev/net/tun is missing; wireguard-go needs the TUN "
+                                     "driver (modprobe tun, or mount /dev/net/tun into the pod)")
+        self.socket_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()  # stale: device_exists() just failed to talk to it
+        if self.socket_dir.resolve() in _NATIVE_SOCKET_DIRS:
+            argv = [self.binary, "-f", self.ifname]
+        else:
+            script = ('mkdir -p /run/wireguard && mount --bind "$1" /run/wireguard '
+                      '&& exec "$2" -f "$3"')
+            argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script,
+                    "wgmanager-wg", str(self.socket_dir), self.binary, self.ifname]
+        env = dict(os.environ, WG_PROCESS_FOREGROUND="1", LOG_LEVEL="error")
+        with open(self.log_path, "ab") as logf:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf,
+                                    stderr=subprocess.STDOUT, env=env,
+                                    start_new_session=True, close_fds=True)
+        self.pid_path.write_text(f"{proc.pid}\n")
+        if not _await(lambda: proc.poll() is not None or self.device_exists(), self.timeout):
+            proc.kill()
+            raise BackendUnavailable(f"wireguard-go for {self.ifname} did not open "
+                                     f"{self.socket_path} within {self.timeout:.0f}s")
+        if proc.poll() is not None:
+            tail = self._log_tail()
+            raise BackendUnavailable(f"wireguard-go for {self.ifname} exited with code "
+                                     f"{proc.returncode}: {tail}")
+        log.info("wireguard-go started", extra={"ifname": self.ifname, "pid": proc.pid})
+
+    def _log_tail(self) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").strip().splitlines()
+        except FileNotFoundError:
+            return "no log"
+        return lines[-1] if lines else "no output"
+
+    # -- configuration ----------------------------------------------------------------
+
+    def configure(self, settings: DeviceSettings) -> bool:
+        state = self.read()
+        lines = uapi.device_lines(
+            private_key=(settings.private_key
+                         if state.public_key != settings.private_key.public_key else None),
+            listen_port=(settings.listen_port
+                         if state.listen_port != settings.listen_port else None),
+            fwmark=settings.fwmark if state.fwmark != settings.fwmark else None,
+        )
+        if not lines:
+            return False
+        self._set(lines, what="device settings")
+        return True
+
+    def read(self) -> DeviceState:
+        with self._session() as conn:
+            reply = conn.request(uapi.get_request())
+        try:
+            return uapi.parse_get(self.ifname, reply)
+        except (uapi.ProtocolError, ValueError) as e:
+            raise DeviceError(f"unreadable state from wireguard-go on {self.ifname}: {e}") from e
+
+    def apply(self, ops: Sequence[PeerOp]) -> None:
+        if not ops:
+            return
+        with self._session() as conn:
+            for op in ops:
+                self._check(conn.request(uapi.set_request(uapi.op_lines(op))), _describe(op))
+
+    def _set(self, lines: list[str], *, what: str) -> None:
+        with self._session() as conn:
+            self._check(conn.request(uapi.set_request(lines)), what)
+
+    def _check(self, reply: str, what: str) -> None:
+        code = uapi.parse_errno(reply)
+        if code != 0:
+            raise DeviceError(f"wireguard-go on {self.ifname} rejected {what}: "
+                              f"{errno.errorcode.get(code, code)} ({os.strerror(code)})")
+
+    @contextlib.contextmanager
+    def _connect(self) -> Iterator[UapiConnection]:
+        conn = UapiConnection(self.socket_path, self.timeout)
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+    @contextlib.contextmanager
+    def _session(self) -> Iterator[UapiConnection]:
+        try:
+            with self._connect() as conn:
+                yield conn
+        except (FileNotFoundError, ConnectionRefusedError) as e:
+            raise DeviceError(f"WireGuard device {self.ifname} is not running (no socket at "
+                              f"{self.socket_path}); the agent will restart it") from e
+        except TimeoutError as e:
+            raise DeviceError(f"wireguard-go on {self.ifname} did not answer within "
+                              f"{self.timeout:.0f}s") from e
+
+
+def _describe(op: PeerOp) -> str:
+    verb = "adding" if isinstance(op, AddPeer) else (
+        "removing" if isinstance(op, RemovePeer) else "updating")
+    return f"{verb} peer {op.public_key.short()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child of ours counts as gone; reap it.
+    with contextlib.suppress(ChildProcessError):
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def _await(cond: object, timeout: float, interval: float = 0.01) -> bool:
+    """Polls ``cond`` until true or ``timeout``; for conditions with no event to wait on."""
+    assert callable(cond)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(interval)
+    return bool(cond())
