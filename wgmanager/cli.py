@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from wgmanager import __version__, config
+from wgmanager.core.mesh import LocalNodeError
 from wgmanager.errors import ConfigError, WgmError
 from wgmanager.logs import setup_logging
 from wgmanager.wireguard.backend import BackendMode
@@ -65,8 +66,10 @@ def _node_flags(p: argparse.ArgumentParser) -> None:
 
 def settings_from(args: argparse.Namespace, node_name: str,
                   listen_port: int) -> config.NodeSettings:
-    if not 576 <= (args.mtu or 1280) <= 65535:
+    if args.mtu is not None and not 576 <= args.mtu <= 65535:
         raise ConfigError(f"--mtu {args.mtu} is out of range (576-65535)")
+    if not 1 <= listen_port <= 65535:
+        raise ConfigError(f"--listen-port {listen_port} is out of range (1-65535)")
     if len(args.interface) > 15:
         raise ConfigError(f"--interface {args.interface!r} is longer than 15 characters")
     return config.NodeSettings(
@@ -83,18 +86,18 @@ def settings_from(args: argparse.Namespace, node_name: str,
 
 
 def cmd_pubkey(args: argparse.Namespace) -> int:
-    from wgmanager.keystore import KeyStore  # noqa: PLC0415
+    from wgmanager.keystore import KeyStore
 
     print(KeyStore(args.state_dir).load_or_create().key.public_key.base64())
     return 0
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    from dataclasses import replace  # noqa: PLC0415
+    from dataclasses import replace
 
-    from wgmanager import meshfile  # noqa: PLC0415
-    from wgmanager.node import NodeReconciler  # noqa: PLC0415
-    from wgmanager.wireguard.select import select_backend  # noqa: PLC0415
+    from wgmanager import meshfile
+    from wgmanager.node import NodeReconciler
+    from wgmanager.wireguard.select import select_backend
 
     mesh = meshfile.load(args.mesh)
     mesh_config = mesh.config
@@ -123,8 +126,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 
 def cmd_teardown(args: argparse.Namespace) -> int:
-    from wgmanager.node import teardown  # noqa: PLC0415
-    from wgmanager.wireguard.select import select_backend  # noqa: PLC0415
+    from wgmanager.node import teardown
+    from wgmanager.wireguard.select import select_backend
 
     settings = settings_from(args, "", args.listen_port or config.DEFAULT_LISTEN_PORT)
     for line in teardown(settings, select_backend(settings.wireguard)):
@@ -140,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(level=args.log_level, json_format=args.log_format == "json")
     try:
         return COMMANDS[args.command](args)
-    except WgmError as e:
+    except (WgmError, LocalNodeError) as e:
         print(f"wgmanager: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -48,7 +48,10 @@ def _plain(v: Any) -> Any:
 
 def _text(v: Any) -> str:
     s = str(v)
-    return json.dumps(s) if (" " in s or not s) else s
+    # Quoted (JSON string escapes) when it would not read back as one key=value token: a
+    # newline in a value (an error message, say) must not start a fake log line.
+    needs_quotes = not s or any(c.isspace() or not c.isprintable() or c in '"=' for c in s)
+    return json.dumps(s) if needs_quotes else s
 
 
 def setup_logging(*, level: str = "info", json_format: bool = False) -> None:

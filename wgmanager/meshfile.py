@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,11 @@ def load(path: Path) -> MeshFile:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"mesh file {path} does not exist") from None
+    except OSError as e:
+        raise ConfigError(f"mesh file {path} cannot be read: "
+                          f"{e.strerror or type(e).__name__}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"mesh file {path} is not UTF-8 text; fix the file") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"mesh file {path} is not valid JSON: {e.msg} at line {e.lineno}; "
                           "fix the file") from None
@@ -47,13 +53,13 @@ def parse(data: Any, *, source: str = "mesh") -> MeshFile:
     if not isinstance(nodes_raw, list):
         raise ConfigError(f"{source}: 'nodes' must be a list of node objects")
     port = data.get("listenPort", 51820)
-    if not isinstance(port, int) or not 1 <= port <= 65535:
+    if not _is_int(port) or not 1 <= port <= 65535:
         raise ConfigError(f"{source}: listenPort must be an integer 1-65535, got {port!r}")
     keepalive = data.get("persistentKeepalive", 0)
-    if not isinstance(keepalive, int) or not 0 <= keepalive <= 65535:
+    if not _is_int(keepalive) or not 0 <= keepalive <= 65535:
         raise ConfigError(f"{source}: persistentKeepalive must be 0-65535 seconds")
     cluster: list[IPNetwork] = []
-    for text in data.get("clusterCIDRs", []):
+    for text in _list(data.get("clusterCIDRs"), "clusterCIDRs", source):
         try:
             cluster.append(ipaddress.ip_network(str(text), strict=True))
         except ValueError:
@@ -62,12 +68,32 @@ def parse(data: Any, *, source: str = "mesh") -> MeshFile:
     for i, raw in enumerate(nodes_raw):
         if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
             raise ConfigError(f"{source}: nodes[{i}] must be an object with a string 'name'")
+        where = f"nodes[{i}]"
+        created = raw.get("created", i)
+        if not isinstance(created, int | float) or isinstance(created, bool) \
+                or not math.isfinite(created):
+            raise ConfigError(f"{source}: {where}.created must be a number, got {created!r}")
         nodes.append(NodeSpec(
             name=raw["name"],
-            addresses=tuple(str(a) for a in raw.get("addresses", [])),
-            pod_cidrs=tuple(str(c) for c in raw.get("podCIDRs", [])),
+            addresses=tuple(str(a) for a in _list(raw.get("addresses"), f"{where}.addresses",
+                                                  source)),
+            pod_cidrs=tuple(str(c) for c in _list(raw.get("podCIDRs"), f"{where}.podCIDRs",
+                                                  source)),
             public_key=raw.get("publicKey") if isinstance(raw.get("publicKey"), str) else None,
-            created=float(raw.get("created", i)),
+            created=float(created),
         ))
     return MeshFile(MeshConfig(listen_port=port, persistent_keepalive=keepalive,
                                cluster_cidrs=tuple(cluster)), tuple(nodes))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _list(value: Any, what: str, source: str) -> list[Any]:
+    """An optional JSON list; absent or null is empty, anything else is a ConfigError."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ConfigError(f"{source}: {what} must be a list, got {type(value).__name__}")
+    return value

@@ -84,7 +84,8 @@ class Cluster:
             raise AssertionError(f"{' '.join(argv)} on {node.name} failed: {res.stderr.strip()}")
         return res
 
-    def wgm(self, node: SimNode, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def wgm(self, node: SimNode, *argv: str,
+            check: bool = True) -> subprocess.CompletedProcess[str]:
         return self.node_run(node, [*WGM, "--log-level", "warning", *argv], check=check)
 
     def generate_keys(self) -> None:

@@ -152,7 +152,7 @@ def _conflict(node: Node, key_owner: Mapping[PublicKey, str],
         return f"public key is already used by node {owner!r} (cloned key file?)"
     for cidr in node.pod_cidrs:
         for other, other_owner in cidr_owner:
-            if cidr.version == other.version and cidr.overlaps(other):  # type: ignore[arg-type]
+            if cidr.version == other.version and cidr.overlaps(other):
                 return f"pod CIDR {cidr} overlaps {other} of node {other_owner!r}"
     return None
 
@@ -191,7 +191,7 @@ def datapath_map(mesh: Mesh, device: DeviceState, config: MeshConfig) -> dict[IP
 
 
 def _overlaps_any(cidr: IPNetwork, others: Iterable[IPNetwork]) -> bool:
-    return any(cidr.version == o.version and cidr.overlaps(o) for o in others)  # type: ignore[arg-type]
+    return any(cidr.version == o.version and cidr.overlaps(o) for o in others)
 
 
 def _is_subnet(inner: IPNetwork, outer: IPNetwork) -> bool:

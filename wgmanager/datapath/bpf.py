@@ -65,7 +65,7 @@ def ensure_bpffs(pin_dir: Path, *, default_root: Path = Path("/sys/fs/bpf")) -> 
     if not pin_dir.is_relative_to(default_root) or os.path.ismount(default_root):
         raise DatapathError(f"pin directory {pin_dir} is not on a bpffs; mount one "
                             f"(mount -t bpf bpf {default_root}) or choose --pin-dir under it")
-    import subprocess  # noqa: PLC0415 - only on a node that has never had bpffs mounted
+    import subprocess
 
     res = subprocess.run(["mount", "-t", "bpf", "bpf", str(default_root)], capture_output=True,
                          text=True, check=False)
@@ -101,7 +101,7 @@ class Program:
         self.fds: dict[Hook, int] = {}
         for hook in Hook:
             try:
-                fn = self._bpf.load_func(hook.value, self._bpf.SCHED_CLS)
+                fn = self._bpf.load_func(hook.value.encode(), self._bpf.SCHED_CLS)
             except Exception as e:
                 raise DatapathError(_explain_load_error(str(e))) from e
             self.fds[hook] = fn.fd
@@ -171,7 +171,7 @@ def _ifindex(ipr: IPRoute, ifname: str) -> int:
 
 def _compile(pin_dir: Path, max_cidrs: int) -> Any:
     try:
-        from bcc import BPF  # noqa: PLC0415 - heavy import, only where the program is built
+        from bcc import BPF
     except ImportError as e:
         raise DatapathError("the bcc Python module is missing; install Debian's python3-bpfcc "
                             "(the PyPI package named 'bcc' is unrelated)") from e
@@ -212,7 +212,7 @@ def _explain_load_error(message: str) -> str:
 @contextlib.contextmanager
 def _quiet_stderr() -> Any:
     """bcc prints compiler output to fd 2; capture it so errors become one clear line."""
-    import tempfile  # noqa: PLC0415
+    import tempfile
 
     saved = os.dup(2)
     with tempfile.TemporaryFile(mode="w+b") as tmp:

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 
 from wgmanager.core.keys import PrivateKey, PublicKey
 from wgmanager.core.model import DeviceState, Endpoint, IPNetwork, PeerState, network_sort_key
-from wgmanager.core.plan import AddPeer, PeerOp, RemovePeer, UpdatePeer
+from wgmanager.core.plan import AddPeer, PeerOp, RemovePeer
 
 
 class ProtocolError(ValueError):
@@ -102,7 +102,7 @@ def parse_get(ifname: str, reply: str) -> DeviceState:
             continue
         key, sep, value = line.partition("=")
         if not sep:
-            raise ProtocolError(f"malformed line in get reply (no '=')")
+            raise ProtocolError("malformed line in get reply (no '=')")
         if key == "errno":
             if value != "0":
                 raise ProtocolError(f"get failed with errno {value}")

@@ -50,13 +50,17 @@ class UapiConnection:
         self._sock.close()
 
     def request(self, payload: bytes) -> str:
-        self._sock.sendall(payload)
+        with contextlib.suppress(BrokenPipeError):  # it hung up; the recv below says so
+            self._sock.sendall(payload)
         while True:
             end = self._buf.find(b"\n\n")
             if end >= 0 and b"errno=" in self._buf[:end + 1]:
                 reply, self._buf = self._buf[:end + 1], self._buf[end + 2:]
                 return reply.decode()
-            chunk = self._sock.recv(65536)
+            try:
+                chunk = self._sock.recv(65536)
+            except ConnectionResetError:  # a wireguard-go killed while we were connected
+                chunk = b""
             if not chunk:
                 raise DeviceError("the WireGuard UAPI socket closed mid-reply; "
                                   "wireguard-go may have exited (check its log)")
@@ -95,6 +99,8 @@ class UserspaceBackend:
                 conn.request(uapi.get_request())
         except (FileNotFoundError, ConnectionRefusedError):
             return False
+        except DeviceError:
+            return False  # accepted, then hung up without a reply: it is exiting
         return True
 
     def ensure_device(self) -> bool:
@@ -202,7 +208,8 @@ class UserspaceBackend:
             self._check(conn.request(uapi.set_request(lines)), what)
 
     def _check(self, reply: str, what: str) -> None:
-        code = uapi.parse_errno(reply)
+        # wireguard-go replies with a negated errno (errno=-22 for EINVAL).
+        code = abs(uapi.parse_errno(reply))
         if code != 0:
             raise DeviceError(f"wireguard-go on {self.ifname} rejected {what}: "
                               f"{errno.errorcode.get(code, code)} ({os.strerror(code)})")
@@ -248,7 +255,11 @@ def _alive(pid: int) -> bool:
             return False
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+            if f.read().rsplit(")", 1)[1].split()[0] != "Z":
+                return True
+        # A zombie thread-group leader whose other threads (Go runtime) are still exiting
+        # still holds the socket and the TUN; exited threads vanish from task/ at once.
+        return len(os.listdir(f"/proc/{pid}/task")) > 1
     except (FileNotFoundError, IndexError):
         return False
 

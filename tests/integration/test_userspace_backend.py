@@ -1,0 +1,627 @@
+"""The userspace backend against the real wireguard-go: no mocks.
+
+One network namespace (``<prefix>-n1``) for the module; every test starts its own
+wireguard-go processes in it and stops them when it ends. Spawning happens in a short-lived
+subprocess entered into the namespace (``nsenter --net``), exactly as the agent would run in
+a hostNetwork pod; everything else talks to the UAPI socket directly from this process, which
+works across network namespaces because the socket is a filesystem path.
+
+Cleanup is exact and crash-safe: the run dir ``/run/wgmanager-tests/<prefix>/`` carries
+``owner.pid`` and every device's socket dir is ``<run dir>/<ifname>/wg``, the layout
+``harness.remove_stale_runs`` / ``cleanup_prefix`` know how to remove.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import itertools
+import json
+import os
+import random
+import secrets
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import pytest
+
+from tests.integration.harness import RUN_ROOT, cleanup_prefix
+from wgmanager.core.keys import PrivateKey, PublicKey
+from wgmanager.core.model import Endpoint, IPNetwork, PeerConfig, PeerState
+from wgmanager.core.plan import (
+    AddPeer,
+    PeerOp,
+    RemovePeer,
+    UpdatePeer,
+    apply_peer_ops,
+    plan_peers,
+)
+from wgmanager.errors import BackendUnavailable, DeviceError
+from wgmanager.wireguard import uapi
+from wgmanager.wireguard.backend import DeviceSettings
+from wgmanager.wireguard.userspace import UserspaceBackend
+
+# Runs inside the namespace: spawn (or find) the device, report as one JSON line.
+DRIVER = r"""
+import json, os, sys
+from pathlib import Path
+from wgmanager.errors import WgmError
+from wgmanager.wireguard.userspace import UserspaceBackend
+a = json.loads(sys.argv[1])
+b = UserspaceBackend(a["ifname"], socket_dir=Path(a["socket_dir"]), binary=a["binary"],
+                     timeout=a["timeout"])
+try:
+    created = b.ensure_device()
+except WgmError as e:
+    print(json.dumps({"error": type(e).__name__, "message": str(e)}))
+else:
+    print(json.dumps({"created": created, "pid": b.pid(), "driver_pid": os.getpid()}))
+"""
+
+# Below the kernel's ephemeral range, where wireguard-go picks its initial random port.
+FIRST_PORT = 21000
+LOOPBACK = ipaddress.ip_address("127.0.0.1")
+
+
+def nets(*texts: str) -> frozenset[IPNetwork]:
+    return frozenset(ipaddress.ip_network(t) for t in texts)
+
+
+def ep(text: str) -> Endpoint:
+    return Endpoint.parse(text)
+
+
+def new_key() -> PublicKey:
+    return PrivateKey.generate().public_key
+
+
+def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def alive(pid: int) -> bool:
+    """Some thread of it still runs. (Our wireguard-go processes are not our children; and
+    after SIGKILL a Go process's leader is a zombie while its other threads still exit.)"""
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
+                    return True
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        pass
+    return False
+
+
+def ns_inode(path: str) -> int:
+    return os.stat(path).st_ino
+
+
+# -- the namespace and the devices in it ------------------------------------------------
+
+
+@dataclass
+class Lab:
+    prefix: str
+    run_dir: Path
+    netns: str
+    started: list[UserspaceBackend] = field(default_factory=list)
+    _names: Iterator[int] = field(default_factory=itertools.count)
+    _ports: Iterator[int] = field(default_factory=lambda: itertools.count(FIRST_PORT))
+
+    def ifname(self) -> str:
+        return f"wgu{next(self._names)}"
+
+    def port(self) -> int:
+        return next(self._ports)
+
+    def socket_dir(self, ifname: str) -> Path:
+        return self.run_dir / ifname / "wg"
+
+    def backend(self, ifname: str) -> UserspaceBackend:
+        """A handle from this (root-namespace) process; never spawns."""
+        return UserspaceBackend(ifname, socket_dir=self.socket_dir(ifname), spawn=False)
+
+    def spawn(self, ifname: str, *, binary: str = "wireguard-go",
+              timeout: float = 5.0) -> dict[str, object]:
+        """``ensure_device`` in a subprocess inside the namespace; that subprocess exits."""
+        self.started.append(self.backend(ifname))  # registered first: cleanup covers failures
+        args = {"ifname": ifname, "socket_dir": str(self.socket_dir(ifname)),
+                "binary": binary, "timeout": timeout}
+        res = subprocess.run(["nsenter", f"--net=/run/netns/{self.netns}", sys.executable,
+                              "-c", DRIVER, json.dumps(args)],
+                             capture_output=True, text=True, timeout=timeout + 30, check=False)
+        if res.returncode != 0 or not res.stdout.strip():
+            raise AssertionError(f"driver failed ({res.returncode}): {res.stderr.strip()}")
+        out: dict[str, object] = json.loads(res.stdout.strip().splitlines()[-1])
+        return out
+
+    def device(self) -> UserspaceBackend:
+        ifname = self.ifname()
+        out = self.spawn(ifname)
+        assert out.get("created") is True, out
+        return self.backend(ifname)
+
+    def ip(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        res = subprocess.run(["ip", "-n", self.netns, *args], capture_output=True, text=True,
+                             check=False)
+        if check and res.returncode != 0:
+            raise AssertionError(f"ip -n {self.netns} {' '.join(args)}: {res.stderr.strip()}")
+        return res
+
+    def in_netns(self, pid: int) -> bool:
+        try:
+            return ns_inode(f"/proc/{pid}/ns/net") == ns_inode(f"/run/netns/{self.netns}")
+        except FileNotFoundError:
+            return False
+
+    def stop_all(self) -> None:
+        """Stops every device this lab started: gracefully, then by pid file as a fallback."""
+        for b in self.started:
+            with contextlib.suppress(Exception):
+                b.delete_device()
+            try:
+                pid = int(b.pid_path.read_text().strip())
+            except (FileNotFoundError, ValueError):
+                continue
+            # Only a process inside our namespace can be ours (guards against pid reuse).
+            if alive(pid) and self.in_netns(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            b.pid_path.unlink(missing_ok=True)
+        self.started.clear()
+
+
+@pytest.fixture(scope="module")
+def netns_lab() -> Iterator[Lab]:
+    prefix = "wgu" + secrets.token_hex(2)
+    run_dir = RUN_ROOT / prefix
+    run_dir.mkdir(parents=True)  # no exist_ok: a clash with another run must not share it
+    (run_dir / "owner.pid").write_text(f"{os.getpid()}\n")
+    lab = Lab(prefix, run_dir, f"{prefix}-n1")
+    try:
+        subprocess.run(["ip", "netns", "add", lab.netns], check=True, capture_output=True)
+        lab.ip("link", "set", "lo", "up")
+        yield lab
+    finally:
+        lab.stop_all()
+        cleanup_prefix(prefix)  # kills leftovers in the namespace, deletes it and the run dir
+
+
+@pytest.fixture
+def lab(netns_lab: Lab) -> Iterator[Lab]:
+    try:
+        yield netns_lab
+    finally:
+        netns_lab.stop_all()
+
+
+# -- a device with a live session --------------------------------------------------------
+
+
+@dataclass
+class LivePair:
+    """Device ``a`` (under test) with one peer, ``b``, that completed a real handshake.
+
+    ``b`` initiates (a persistent keepalive of 65535 s fires once when it is set), so ``a``
+    only receives a handshake initiation and a keepalive and answers with one response: it
+    holds a session, non-zero counters and a handshake time, and nothing more is sent by
+    either side for 18 hours. Any operation that recreated the peer would reset all three.
+    """
+
+    a: UserspaceBackend
+    b: UserspaceBackend
+    peer_b: PeerConfig  # what ``a`` holds for ``b``
+    session: PeerState  # ``a``'s view of ``b`` once settled
+
+
+def live_pair(lab: Lab, allowed_ips: frozenset[IPNetwork]) -> LivePair:
+    a, b = lab.device(), lab.device()
+    a_key, b_key = PrivateKey.generate(), PrivateKey.generate()
+    a_port, b_port = lab.port(), lab.port()
+    a.configure(DeviceSettings(a_key, a_port))
+    b.configure(DeviceSettings(b_key, b_port))
+    for dev in (a, b):
+        lab.ip("link", "set", dev.ifname, "up")
+    peer_b = PeerConfig(b_key.public_key, Endpoint(LOOPBACK, b_port), allowed_ips)
+    a.apply([AddPeer(peer_b)])
+    b.apply([AddPeer(PeerConfig(a_key.public_key, Endpoint(LOOPBACK, a_port),
+                                nets("10.99.0.1/32"), persistent_keepalive=65535))])
+
+    def view() -> PeerState:
+        return a.read().peers[peer_b.public_key]
+
+    wait_for(lambda: view().last_handshake is not None and view().rx_bytes > 148, 10,
+             "the handshake between the two wireguard-go devices")
+    last = view()
+    for _ in range(100):  # settled: two reads 0.3 s apart agree
+        time.sleep(0.3)
+        now = view()
+        if now == last:
+            break
+        last = now
+    assert last.tx_bytes > 0 and last.rx_bytes > 0 and last.last_handshake is not None
+    assert last.config() == peer_b
+    return LivePair(a, b, peer_b, last)
+
+
+# -- 1. spawning -------------------------------------------------------------------------
+
+
+def test_ensure_device_spawns_a_wireguard_go_that_outlives_its_configurer(lab: Lab) -> None:
+    ifname = lab.ifname()
+    first = lab.spawn(ifname)
+    assert first["created"] is True
+    pid = first["pid"]
+    assert isinstance(pid, int)
+
+    # The subprocess that spawned it has exited; wireguard-go runs on, in its own session,
+    # in the test namespace, with its own mount namespace (where socket_dir is bind-mounted).
+    assert not alive(int(str(first["driver_pid"])))
+    assert alive(pid)
+    assert Path(f"/proc/{pid}/comm").read_text().strip() == "wireguard-go"
+    assert os.getsid(pid) == pid
+    assert lab.in_netns(pid)
+    assert ns_inode(f"/proc/{pid}/ns/mnt") != ns_inode("/proc/self/ns/mnt")
+
+    dev = lab.backend(ifname)
+    assert stat.S_ISSOCK(dev.socket_path.stat().st_mode)
+    assert dev.socket_path.parent == lab.run_dir / ifname / "wg"
+    assert not Path(f"/run/wireguard/{ifname}.sock").exists()  # not in the host's dir
+    assert dev.pid() == pid
+    assert dev.device_exists()
+    assert lab.ip("link", "show", ifname).returncode == 0
+    assert subprocess.run(["ip", "link", "show", ifname], capture_output=True,
+                          check=False).returncode != 0  # the TUN is in the namespace only
+
+    second = lab.spawn(ifname)
+    assert second["created"] is False and second["pid"] == pid
+    assert dev.ensure_device() is False
+    spawning = UserspaceBackend(ifname, socket_dir=dev.socket_dir)  # spawn=True, but it exists
+    assert spawning.ensure_device() is False
+    assert [p for p in _wireguard_go_pids() if lab.in_netns(p)] == [pid]
+
+
+def _wireguard_go_pids() -> list[int]:
+    res = subprocess.run(["pgrep", "-x", "wireguard-go"], capture_output=True, text=True,
+                         check=False)
+    return [int(p) for p in res.stdout.split() if alive(int(p))]
+
+
+# -- 2. device settings ------------------------------------------------------------------
+
+
+def test_configure_writes_only_differences_and_read_never_shows_the_private_key(
+        lab: Lab) -> None:
+    dev = lab.device()
+    key = PrivateKey.generate()
+    port = lab.port()
+    settings = DeviceSettings(key, port)
+
+    assert dev.configure(settings) is True
+    assert dev.configure(settings) is False
+
+    state = dev.read()
+    assert state.public_key == key.public_key
+    assert state.listen_port == port
+    assert state.fwmark == 0
+    assert state.peers == {}
+    for text in (repr(state), str(state)):
+        assert key.export_hex() not in text
+        assert key.export_base64() not in text
+    listening = subprocess.run(["nsenter", f"--net=/run/netns/{lab.netns}", "ss", "-Hlunp",
+                                f"sport = :{port}"], capture_output=True, text=True,
+                               check=True).stdout
+    assert "wireguard-go" in listening  # bound by the process, inside the namespace
+
+    moved = DeviceSettings(key, lab.port(), fwmark=0x1234)
+    assert dev.configure(moved) is True
+    assert dev.configure(moved) is False
+    state = dev.read()
+    assert (state.public_key, state.listen_port, state.fwmark) == (
+        key.public_key, moved.listen_port, 0x1234)
+
+    other = PrivateKey.generate()
+    assert dev.configure(DeviceSettings(other, moved.listen_port, 0x1234)) is True
+    assert dev.read().public_key == other.public_key
+    assert dev.configure(DeviceSettings(other, moved.listen_port)) is True  # fwmark cleared
+    assert dev.read().fwmark == 0
+
+
+# -- 3. incremental peer operations against the reference model ---------------------------
+
+
+def converge(dev: UserspaceBackend, desired: Mapping[PublicKey, PeerConfig], label: str,
+             named: set[PublicKey] | None = None) -> list[PeerOp]:
+    """One round: plan against what the device holds, apply, compare with the model."""
+    before = dev.read().peers
+    ops = plan_peers(desired, before)
+    assert ops, f"{label}: the round changes nothing"
+    op_keys = {op.public_key for op in ops}
+    if named is not None:
+        assert op_keys == named, f"{label}: {ops}"
+
+    dev.apply(ops)
+    after = dev.read().peers
+
+    assert {k: st.config() for k, st in after.items()} == dict(desired), label
+    assert plan_peers(desired, after) == [], label
+    assert after == apply_peer_ops(before, ops), f"{label}: device and model disagree"
+    # Only the peers the ops name, and peers that lost an allowed IP to them, may change.
+    handed: set[IPNetwork] = set()
+    for op in ops:
+        if isinstance(op, AddPeer):
+            handed |= op.peer.allowed_ips
+        elif isinstance(op, UpdatePeer):
+            handed |= op.add_allowed_ips
+    losers = {k for k, st in before.items() if st.allowed_ips & handed} - op_keys
+    for key in before.keys() - op_keys - losers:
+        assert after[key] == before[key], f"{label}: untouched peer {key.short()} changed"
+    for key in losers:  # lost exactly the handed-over IPs, nothing else
+        assert after[key] == replace(before[key], allowed_ips=before[key].allowed_ips - handed)
+    return ops
+
+
+def with_ips(p: PeerConfig, ips: frozenset[IPNetwork]) -> PeerConfig:
+    return PeerConfig(p.public_key, p.endpoint, ips, p.persistent_keepalive)
+
+
+def test_incremental_peer_ops_match_the_reference_model(lab: Lab) -> None:
+    pair = live_pair(lab, nets("10.99.1.0/24", "fd00:99:1::/64"))
+    dev, live = pair.a, pair.peer_b
+    desired: dict[PublicKey, PeerConfig] = {live.public_key: live}
+
+    def put(*peers: PeerConfig) -> None:
+        for p in peers:
+            desired[p.public_key] = p
+
+    # Endpoints are in documentation ranges with no route in the namespace: nothing is ever
+    # sent to them, so counters of those peers stay at zero even with a keepalive set.
+    k1, k2, k3 = new_key(), new_key(), new_key()
+    p1 = PeerConfig(k1, ep("192.0.2.1:51820"), nets("10.200.1.0/24", "fd00:200:1::/64"))
+    p2 = PeerConfig(k2, ep("[2001:db8::2]:51820"), nets("10.200.2.0/24", "10.201.0.0/16"))
+    p3 = PeerConfig(k3, None, nets("10.200.3.0/24", "10.201.5.0/24"))  # inside p2's /16
+    put(p1, p2, p3)
+    converge(dev, desired, "add three peers", {k1, k2, k3})
+
+    put(PeerConfig(k1, ep("192.0.2.11:51821"), p1.allowed_ips))
+    converge(dev, desired, "change an endpoint", {k1})
+
+    put(with_ips(p2, p2.allowed_ips | nets("10.200.22.0/24")))
+    converge(dev, desired, "add an allowed IP", {k2})
+
+    put(with_ips(p3, nets("10.200.3.0/24")))
+    converge(dev, desired, "withdraw an allowed IP", {k3})
+
+    put(with_ips(desired[k2], desired[k2].allowed_ips - nets("10.200.22.0/24")),
+        with_ips(desired[k1], desired[k1].allowed_ips | nets("10.200.22.0/24")))
+    ops = converge(dev, desired, "move an allowed IP from p2 to p1", {k1})
+    assert ops == [UpdatePeer(k1, add_allowed_ips=nets("10.200.22.0/24"))]
+
+    k3b = new_key()
+    del desired[k3]
+    put(PeerConfig(k3b, None, nets("10.200.3.0/24")))
+    ops = converge(dev, desired, "change a key", {k3, k3b})
+    assert [type(op) for op in ops] == [AddPeer, RemovePeer]
+
+    put(PeerConfig(k2, desired[k2].endpoint, desired[k2].allowed_ips, persistent_keepalive=25))
+    converge(dev, desired, "set a keepalive", {k2})
+
+    del desired[k1]
+    converge(dev, desired, "remove a peer", {k1})
+
+    seed = secrets.randbits(32)
+    rng = random.Random(seed)
+    pool = (f"10.210.{i}.0/24" if i % 2 else f"fd00:210:{i}::/64" for i in itertools.count())
+    for n in range(8):
+        for _ in range(rng.randint(1, 3)):
+            _mutate(rng, desired, live.public_key, pool)
+        converge(dev, desired, f"random round {n} (seed {seed})")
+
+    # The live peer was never named by any op: its session survived every round.
+    assert dev.read().peers[live.public_key] == pair.session
+
+
+def _mutate(rng: random.Random, desired: dict[PublicKey, PeerConfig], keep: PublicKey,
+            pool: Iterator[str]) -> None:
+    """One random change to the desired peers; never touches ``keep``."""
+    mine = sorted(k for k in desired if k != keep)
+    kind = rng.choice(["add", "remove", "endpoint", "grow", "shrink", "move", "rekey",
+                       "keepalive"])
+    if not mine or (kind == "move" and len(mine) < 2):
+        kind = "add"
+    if kind == "add":
+        endpoint = rng.choice([None, ep(f"192.0.2.{rng.randint(1, 254)}:51820"),
+                               ep(f"[2001:db8::{rng.randint(1, 999)}]:51820")])
+        key = new_key()
+        desired[key] = PeerConfig(key, endpoint, nets(*(next(pool)
+                                                        for _ in range(rng.randint(1, 3)))))
+        return
+    key = rng.choice(mine)
+    p = desired[key]
+    if kind == "remove":
+        del desired[key]
+    elif kind == "endpoint":
+        desired[key] = PeerConfig(key, ep(f"198.51.100.{rng.randint(1, 254)}:"
+                                          f"{rng.randint(1024, 65535)}"),
+                                  p.allowed_ips, p.persistent_keepalive)
+    elif kind == "grow" or (kind == "shrink" and len(p.allowed_ips) < 2):
+        desired[key] = with_ips(p, p.allowed_ips | nets(next(pool)))
+    elif kind == "shrink":
+        gone = rng.choice(sorted(p.allowed_ips, key=str))
+        desired[key] = with_ips(p, p.allowed_ips - {gone})
+    elif kind == "move":
+        src = rng.choice([k for k in mine if desired[k].allowed_ips])
+        dst = rng.choice([k for k in mine if k != src])
+        cidr = rng.choice(sorted(desired[src].allowed_ips, key=str))
+        desired[src] = with_ips(desired[src], desired[src].allowed_ips - {cidr})
+        desired[dst] = with_ips(desired[dst], desired[dst].allowed_ips | {cidr})
+    elif kind == "rekey":
+        del desired[key]
+        new = new_key()
+        desired[new] = PeerConfig(new, p.endpoint, p.allowed_ips, p.persistent_keepalive)
+    else:
+        desired[key] = PeerConfig(key, p.endpoint, p.allowed_ips,
+                                  rng.choice([0, 25, 60]) if p.persistent_keepalive else 25)
+
+
+# -- 4. withdrawing one allowed IP -------------------------------------------------------
+
+
+def test_withdrawing_an_allowed_ip_never_rewrites_the_peers_other_ones(lab: Lab) -> None:
+    extra = nets("10.98.0.0/24", "10.98.1.0/24", "fd00:98::/64")
+    pair = live_pair(lab, nets("10.99.1.0/24") | extra)
+    dev, key = pair.a, pair.peer_b.public_key
+    bystander = PeerConfig(new_key(), ep("192.0.2.7:51820"), nets("10.97.0.0/24"))
+    dev.apply([AddPeer(bystander)])
+    bystander_state = dev.read().peers[bystander.public_key]
+
+    remaining = set(pair.peer_b.allowed_ips)
+    for cidr in sorted(extra, key=str):
+        remaining.discard(cidr)
+        before = dev.read().peers
+        ops = plan_peers({key: with_ips(pair.peer_b, frozenset(remaining)),
+                          bystander.public_key: bystander}, before)
+        assert ops == [UpdatePeer(key, remove_allowed_ips=frozenset({cidr}))]
+
+        # The request names the real peer with update_only and no allowed IPs at all: its
+        # remaining ones are never replaced, so not even for an instant are they missing.
+        lines = uapi.op_lines(ops[0])
+        assert "replace_allowed_ips=true" not in lines
+        head = lines[:lines.index(next(ln for ln in lines[1:] if ln.startswith("public_key=")))]
+        assert head == [f"public_key={key.hex()}", "update_only=true"]
+        assert not any(f"allowed_ip={n}" in lines for n in remaining)
+
+        dev.apply(ops)
+        after = dev.read().peers
+        assert after[key].allowed_ips == frozenset(remaining)
+        assert after.keys() == before.keys()  # the throwaway peer is gone again
+        assert not any(cidr in st.allowed_ips for st in after.values())
+        # Same session, same counters: the peer was updated in place, not recreated.
+        assert (after[key].last_handshake, after[key].rx_bytes, after[key].tx_bytes) == (
+            pair.session.last_handshake, pair.session.rx_bytes, pair.session.tx_bytes)
+        assert after[bystander.public_key] == bystander_state
+    assert remaining == set(nets("10.99.1.0/24"))
+
+
+# -- 5. errors ---------------------------------------------------------------------------
+
+
+def test_update_of_an_unknown_peer_creates_nothing_and_takes_nothing(lab: Lab) -> None:
+    dev = lab.device()
+    owner = PeerConfig(new_key(), ep("192.0.2.1:51820"), nets("10.200.1.0/24"))
+    dev.apply([AddPeer(owner)])
+    before = dev.read().peers
+
+    ghost = new_key()
+    ops: list[PeerOp] = [UpdatePeer(ghost, endpoint=ep("192.0.2.9:51820"),
+                                    persistent_keepalive=25,
+                                    add_allowed_ips=nets("10.200.1.0/24", "10.200.9.0/24"))]
+    dev.apply(ops)  # wireguard-go answers errno=0 and skips the whole peer section
+    assert dev.read().peers == before
+    # The reference model refuses instead: planners must never produce such an op.
+    with pytest.raises(KeyError):
+        apply_peer_ops(before, ops)
+
+
+def test_rejected_set_is_one_line_device_error_and_is_not_atomic(lab: Lab) -> None:
+    dev = lab.device()
+    key = new_key()
+    bad = PeerConfig(key, ep("192.0.2.1:51820"), nets("10.200.1.0/24"),
+                     persistent_keepalive=70000)  # not a 16-bit number
+    with pytest.raises(DeviceError) as exc:
+        dev.apply([AddPeer(bad)])
+    msg = str(exc.value)
+    assert "\n" not in msg
+    assert f"adding peer {key.short()}" in msg and "EINVAL (Invalid argument)" in msg
+    # wireguard-go applies a set line by line and stops at the bad one: the peer and its
+    # endpoint exist, the allowed IPs after the bad line do not.
+    assert dev.read().peers == {key: PeerState(key, bad.endpoint, frozenset())}
+
+    with pytest.raises(DeviceError, match=r"rejected device settings: EINVAL"):
+        dev.configure(DeviceSettings(PrivateKey.generate(), 70000))
+
+
+def test_spawning_a_missing_or_failing_binary_is_backend_unavailable(lab: Lab) -> None:
+    ifname = lab.ifname()
+    bogus = f"wireguard-go-missing-{secrets.token_hex(3)}"
+    out = lab.spawn(ifname, binary=bogus)
+    assert out["error"] == "BackendUnavailable"
+    assert bogus in str(out["message"]) and "\n" not in str(out["message"])
+    assert not lab.socket_dir(ifname).exists()  # gave up before making anything
+
+    ifname = lab.ifname()
+    out = lab.spawn(ifname, binary="false")  # exists, exits at once
+    assert out["error"] == "BackendUnavailable"
+    assert out["message"] == f"wireguard-go for {ifname} exited with code 1: no output"
+
+    too_long = "wgu" + "x" * 16  # over IFNAMSIZ: wireguard-go itself fails to make the TUN
+    out = lab.spawn(too_long)
+    assert out["error"] == "BackendUnavailable"
+    msg = str(out["message"])
+    assert msg.startswith(f"wireguard-go for {too_long} exited with code 1: ")
+    assert "\n" not in msg and msg != f"wireguard-go for {too_long} exited with code 1: no output"
+    assert not lab.backend(too_long).device_exists()
+
+
+def test_not_spawning_without_a_socket_names_the_socket_path(lab: Lab) -> None:
+    dev = lab.backend(lab.ifname())
+    with pytest.raises(BackendUnavailable) as exc:
+        dev.ensure_device()
+    assert str(dev.socket_path) in str(exc.value) and "\n" not in str(exc.value)
+    assert not dev.socket_dir.exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_a_dead_device_raises_one_line_device_errors(lab: Lab, sig: signal.Signals) -> None:
+    dev = lab.device()
+    pid = dev.pid()
+    assert pid is not None
+    os.kill(pid, sig)
+    wait_for(lambda: not alive(pid), 5, "wireguard-go to exit")
+    # SIGKILL leaves a socket nobody listens on (refused); SIGTERM removes it (not found).
+    assert dev.socket_path.exists() is (sig == signal.SIGKILL)
+    assert not dev.device_exists()
+    assert dev.pid() is None
+    calls: list[Callable[[], object]] = [
+        dev.read,
+        lambda: dev.apply([RemovePeer(new_key())]),
+        lambda: dev.configure(DeviceSettings(PrivateKey.generate(), 1)),
+    ]
+    for call in calls:
+        with pytest.raises(DeviceError) as exc:
+            call()
+        msg = str(exc.value)
+        assert "\n" not in msg and f"{dev.ifname} is not running" in msg
+        assert str(dev.socket_path) in msg
+
+
+# -- 6. deleting -------------------------------------------------------------------------
+
+
+def test_delete_device_stops_the_process_and_removes_its_files(lab: Lab) -> None:
+    dev = lab.device()
+    dev.configure(DeviceSettings(PrivateKey.generate(), lab.port()))
+    pid = dev.pid()
+    assert pid is not None and dev.socket_path.exists() and dev.pid_path.exists()
+
+    dev.delete_device()
+
+    assert not alive(pid)
+    assert not dev.socket_path.exists()
+    assert not dev.pid_path.exists()
+    assert not dev.device_exists()
+    assert dev.pid() is None
+    assert lab.ip("link", "show", dev.ifname, check=False).returncode != 0  # TUN gone too
+    dev.delete_device()  # idempotent
+    lab.backend(lab.ifname()).delete_device()  # never existed: also fine
+    assert not dev.device_exists()
