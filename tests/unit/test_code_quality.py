@@ -1,0 +1,28 @@
+"""The codebase's own rules, checked by the tools that define them.
+
+The layering contract (the pure core imports no adapter library) is an architecture claim in
+docs/architecture.md; lint-imports proves it on every run. mypy --strict and ruff keep the
+code readable for the next person.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+@pytest.mark.parametrize("argv", [
+    ["lint-imports"],
+    ["mypy"],
+    ["ruff", "check", "wgmanager", "tests", "bench"],
+], ids=["import-layers", "mypy-strict", "ruff"])
+def test_tool_passes(argv: list[str]) -> None:
+    res = subprocess.run([str(BIN / argv[0]), *argv[1:]], cwd=ROOT, capture_output=True,
+                         text=True, check=False, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
