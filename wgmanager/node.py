@@ -110,7 +110,10 @@ class NodeReconciler:
                 (name, Hook.FROM_POD)
                 for name in links.pod_interfaces(ipr, self.settings.datapath.pod_interfaces)]
             for name, hook in targets:
-                if (name, hook) not in self._attached:
+                # Once per process we swap our freshly loaded program in (a restart); after
+                # that only where the kernel shows it missing (a veth recreated by the CNI).
+                live = any(a.hook is hook for a in attachments(ipr, name))
+                if (name, hook) not in self._attached or not live:
                     program.attach(ipr, name, hook)
                     self._attached.add((name, hook))
 

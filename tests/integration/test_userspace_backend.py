@@ -419,11 +419,16 @@ def test_incremental_peer_ops_match_the_reference_model(lab: Lab) -> None:
     del desired[k1]
     converge(dev, desired, "remove a peer", {k1})
 
-    seed = secrets.randbits(32)
+    # Fixed by default so CI is deterministic; WGM_TEST_SEED explores other sequences.
+    seed = int(os.environ.get("WGM_TEST_SEED", "3522611912"))
     rng = random.Random(seed)
     pool = (f"10.210.{i}.0/24" if i % 2 else f"fd00:210:{i}::/64" for i in itertools.count())
     for n in range(8):
         for _ in range(rng.randint(1, 3)):
+            _mutate(rng, desired, live.public_key, pool)
+        # Mutations can cancel out (a keepalive redrawn to its old value): keep going until
+        # the round really asks the device for something.
+        while not plan_peers(desired, dev.read().peers):
             _mutate(rng, desired, live.public_key, pool)
         converge(dev, desired, f"random round {n} (seed {seed})")
 

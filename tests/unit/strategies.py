@@ -17,6 +17,7 @@ import ipaddress
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -283,9 +284,10 @@ def fresh_slot(cluster: Cluster) -> st.SearchStrategy[int]:
 
 
 _junk_text = st.text(max_size=20)
+T = TypeVar("T")
 
 
-def _weighted(draw: st.DrawFn, *options: tuple[int, st.SearchStrategy[object]]) -> object:
+def _weighted(draw: st.DrawFn, *options: tuple[int, st.SearchStrategy[T]]) -> T:
     """Draw from one of ``options``, picked with the given integer weights."""
     pick = draw(st.integers(0, sum(w for w, _ in options) - 1))
     for weight, strategy in options:
@@ -349,20 +351,20 @@ def garbage_specs(draw: st.DrawFn, cluster: Cluster) -> NodeSpec:
         (2, st.just((cluster.other_addr(slot), cluster.addr(slot)))),
         (5, st.lists(one_address, max_size=3).map(tuple)),
     )
-    key = _weighted(
+    key: str | None = _weighted(
         draw,
         (6, public_keys.map(PublicKey.base64)),
         (3, st.sampled_from(existing_keys)),
         (2, st.just(cluster.local_key.base64())),
-        (1, st.none()),
+        (1, st.just(None)),
         (1, st.sampled_from(("", "   ", b64(bytes(KEY_LEN)), "A" * 43, "A" * 44 + "="))),
         (1, st.binary(max_size=40).map(b64)),
         (1, _junk_text),
     )
     return NodeSpec(
-        name=str(name),
-        addresses=tuple(addresses),  # type: ignore[call-overload]
-        pod_cidrs=tuple(cidrs),  # type: ignore[call-overload]
-        public_key=key,  # type: ignore[arg-type]
+        name=name,
+        addresses=addresses,
+        pod_cidrs=cidrs,
+        public_key=key,
         created=draw(st.floats(allow_nan=False)),
     )

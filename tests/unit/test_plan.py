@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping
+from dataclasses import replace
 
 import pytest
 from hypothesis import given
@@ -345,7 +346,6 @@ def replace_spec(specs: tuple[NodeSpec, ...], name: str,
 
 
 def with_fields(spec: NodeSpec, **changes: object) -> NodeSpec:
-    from dataclasses import replace
     return replace(spec, **changes)  # type: ignore[arg-type]
 
 
@@ -367,6 +367,7 @@ class TestLocality:
         actual = device_for(before.peers)
         victim = data.draw(st.sampled_from(cluster.remote_specs)) if change != "add" else None
         old_key = PublicKey.from_base64(victim.public_key or "") if victim else None
+        new_key: PublicKey | None
 
         if change == "add":
             slot = data.draw(fresh_slot(cluster))
