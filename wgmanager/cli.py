@@ -7,13 +7,16 @@ non-zero exit; tracebacks are for bugs only.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from wgmanager import __version__, config
 from wgmanager.core.mesh import LocalNodeError
+from wgmanager.core.model import IPNetwork
 from wgmanager.errors import ConfigError, WgmError
 from wgmanager.logs import setup_logging
 from wgmanager.wireguard.backend import BackendMode
@@ -33,6 +36,25 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--mesh", type=Path, required=True, help="mesh JSON file (docs/operations.md)")
     a.add_argument("--node-name", required=True, help="this node's name in the mesh file")
     _node_flags(a)
+
+    g = sub.add_parser("agent", help="run the node agent against the Kubernetes API")
+    g.add_argument("--node-name", default=os.environ.get("NODE_NAME"),
+                   help="this node's Node name (default: $NODE_NAME)")
+    g.add_argument("--kubeconfig", type=Path, default=_env_path("KUBECONFIG"),
+                   help="kubeconfig file (default: $KUBECONFIG, else in-cluster config)")
+    g.add_argument("--cluster-cidrs", default="",
+                   help="comma-separated CIDRs covering all pod networks; pod traffic into "
+                        "them with no ready peer is dropped (fail closed)")
+    g.add_argument("--persistent-keepalive", type=int, default=0,
+                   help="seconds between keepalives to each peer (0: off)")
+    g.add_argument("--health-address", default="0.0.0.0")
+    g.add_argument("--health-port", type=int, default=9876,
+                   help="serves /healthz and /readyz (0: disabled)")
+    g.add_argument("--resync-interval", type=float, default=60.0,
+                   help="seconds between full reconciles without events")
+    g.add_argument("--debounce", type=float, default=0.1,
+                   help="seconds to gather a burst of node events into one reconcile")
+    _node_flags(g)
 
     t = sub.add_parser("teardown", help="remove wgmanager's device, filters and maps from "
                                         "this node (the key is kept)")
@@ -125,6 +147,56 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_agent(args: argparse.Namespace) -> int:
+    import signal
+
+    from wgmanager.agent import Agent, AgentTiming, HealthSettings
+    from wgmanager.core.model import MeshConfig
+    from wgmanager.kube.client import NodesAPI, load_api
+    from wgmanager.node import NodeReconciler
+    from wgmanager.wireguard.select import select_backend
+
+    if not args.node_name:
+        raise ConfigError("no node name: pass --node-name or set NODE_NAME (the Helm chart "
+                          "sets it from the downward API)")
+    port = args.listen_port or config.DEFAULT_LISTEN_PORT
+    if not 0 <= args.persistent_keepalive <= 65535:
+        raise ConfigError("--persistent-keepalive must be 0-65535 seconds")
+    if args.resync_interval <= 0 or args.debounce < 0:
+        raise ConfigError("--resync-interval must be > 0 and --debounce >= 0")
+    mesh_config = MeshConfig(listen_port=port, persistent_keepalive=args.persistent_keepalive,
+                             cluster_cidrs=parse_cidrs(args.cluster_cidrs, "--cluster-cidrs"))
+    settings = settings_from(args, args.node_name, port)
+    nodes_api = NodesAPI(load_api(args.kubeconfig))
+    agent = Agent(
+        reconciler=NodeReconciler(settings, select_backend(settings.wireguard), mesh_config),
+        nodes_api=nodes_api,
+        timing=AgentTiming(debounce=args.debounce, resync_interval=args.resync_interval),
+        health=(HealthSettings(args.health_address, args.health_port)
+                if args.health_port else None),
+    )
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: agent.stop())
+    agent.run()
+    return 0
+
+
+def parse_cidrs(text: str, flag: str) -> tuple[IPNetwork, ...]:
+    out: list[IPNetwork] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        try:
+            out.append(ipaddress.ip_network(part, strict=True))
+        except ValueError:
+            raise ConfigError(f"{flag}: {part!r} is not a network address (e.g. "
+                              "10.244.0.0/16)") from None
+    return tuple(out)
+
+
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name)
+    return Path(value) if value else None
+
+
 def cmd_teardown(args: argparse.Namespace) -> int:
     from wgmanager.node import teardown
     from wgmanager.wireguard.select import select_backend
@@ -135,7 +207,8 @@ def cmd_teardown(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"pubkey": cmd_pubkey, "apply": cmd_apply, "teardown": cmd_teardown}
+COMMANDS = {"pubkey": cmd_pubkey, "apply": cmd_apply, "agent": cmd_agent,
+            "teardown": cmd_teardown}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

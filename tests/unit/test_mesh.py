@@ -668,3 +668,15 @@ class TestDatapathMap:
                 assert action is Action.DROP
                 assert not inside_owned(c)
         assert list(entries) == sorted(entries, key=network_sort_key)
+
+
+def test_link_local_or_zoned_internal_ips_are_never_endpoints() -> None:
+    from wgmanager.core.keys import PrivateKey
+    from wgmanager.core.mesh import parse_node
+    from wgmanager.core.model import Node, NodeSpec, Rejected
+
+    key = PrivateKey.generate().public_key.base64()
+    only_ll = parse_node(NodeSpec("n", ("fe80::1%eth0", "fe80::2"), ("10.1.0.0/24",), key))
+    assert isinstance(only_ll, Rejected) and "InternalIP" in only_ll.reason
+    mixed = parse_node(NodeSpec("n", ("fe80::1%eth0", "fd00::5"), ("10.1.0.0/24",), key))
+    assert isinstance(mixed, Node) and [str(a) for a in mixed.addresses] == ["fd00::5"]

@@ -65,9 +65,12 @@ def parse_node(spec: NodeSpec) -> Node | Rejected:
     addresses: list[IPAddress] = []
     for text in spec.addresses:
         try:
-            addresses.append(ipaddress.ip_address(text.strip()))
+            addr = ipaddress.ip_address(text.strip())
         except ValueError:
             continue  # other addresses may still be usable; none at all is rejected below
+        if addr.version == 6 and (addr.scope_id or addr.is_link_local):
+            continue  # a zoned/link-local address is no endpoint another node can reach
+        addresses.append(addr)
     if not addresses:
         return Rejected(spec.name, "node has no valid InternalIP address", tuple(cidrs))
     if spec.public_key is None or not spec.public_key.strip():

@@ -3,7 +3,7 @@
     underlay ns ``{prefix}-ul``: bridge br0 ── veth ── node ns ``{prefix}-n{i}`` (eth0)
     node ns: pod veths ``veth{j}`` ── pod ns ``{prefix}-n{i}p{j}`` (eth0)
 
-Node i has underlay 10.99.0.i/24 and fd99::i/64, pod CIDRs 10.244.i.0/24 and
+Node i has underlay 10.99.0.i/24 (the first octets are a parameter) and fd99::i/64, pod CIDRs 10.244.i.0/24 and
 fd00:244:i::/64; pod j is 10.244.i.(10+j) / fd00:244:i::(10+j), reached by /32 and /128
 routes on the node (ptp-CNI style: pods route via 169.254.1.1 / fe80::1, which the host
 veth holds). Remote pod CIDRs route via the remote node's underlay address, in plaintext:
@@ -20,6 +20,7 @@ import os
 import subprocess
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 UNDERLAY_MTU = 1500
 
@@ -58,6 +59,7 @@ class Topology:
     bridge: str
     nodes: tuple[SimNode, ...]
     pod_mtu: int
+    host_address: str | None = None  # this machine's address on the underlay, if linked
 
     @property
     def pods(self) -> list[Pod]:
@@ -91,17 +93,31 @@ def sysctl(netns: str, assignments: dict[str, str]) -> None:
 
 
 def create(prefix: str, *, nodes: int = 3, pods_per_node: int = 2,
-           pod_mtu: int = UNDERLAY_MTU - 60) -> Topology:
-    """Builds the namespaces; on any failure removes what it made and re-raises."""
+           pod_mtu: int = UNDERLAY_MTU - 60, underlay: str = "10.99.0",
+           host_link: bool = False) -> Topology:
+    """Builds the namespaces; on any failure removes what it made and re-raises.
+
+    ``underlay`` is the first three octets of the nodes' /24. With ``host_link`` this
+    machine joins the underlay as ``{underlay}.254`` through a veth named ``{prefix}h``,
+    so services it runs (the lab's API server) are reachable from the nodes and the nodes
+    from it; pick an ``underlay`` no other route on this machine covers.
+    """
     ul = f"{prefix}-ul"
     try:
         run(["ip", "netns", "add", ul])
         sysctl(ul, {"net.ipv6.conf.all.disable_ipv6": "0"})
         ip_batch(ul, ["link add br0 type bridge", "link set br0 up",
                       "link set lo up"])
+        host_address = None
+        if host_link:
+            host_address = f"{underlay}.254"
+            ip_batch(None, [f"link add {prefix}h type veth peer name {prefix}hb netns {ul}",
+                            f"addr add {host_address}/24 dev {prefix}h",
+                            f"link set {prefix}h up"])
+            ip_batch(ul, [f"link set {prefix}hb master br0", f"link set {prefix}hb up"])
         built: list[SimNode] = []
         for i in range(1, nodes + 1):
-            built.append(_create_node(prefix, ul, i, pods_per_node, pod_mtu))
+            built.append(_create_node(prefix, ul, i, pods_per_node, pod_mtu, underlay))
         for node in built:
             routes = []
             for other in built:
@@ -110,15 +126,16 @@ def create(prefix: str, *, nodes: int = 3, pods_per_node: int = 2,
                 routes.append(f"route add {other.pod_cidr4} via {other.ipv4}")
                 routes.append(f"route add {other.pod_cidr6} via {other.ipv6}")
             ip_batch(node.netns, routes)
-        return Topology(prefix, ul, "br0", tuple(built), pod_mtu)
+        return Topology(prefix, ul, "br0", tuple(built), pod_mtu, host_address)
     except BaseException:
         destroy(prefix)
         raise
 
 
-def _create_node(prefix: str, ul: str, i: int, pods_per_node: int, pod_mtu: int) -> SimNode:
+def _create_node(prefix: str, ul: str, i: int, pods_per_node: int, pod_mtu: int,
+                 underlay: str) -> SimNode:
     ns = f"{prefix}-n{i}"
-    ipv4, ipv6 = f"10.99.0.{i}", f"fd99::{i}"
+    ipv4, ipv6 = f"{underlay}.{i}", f"fd99::{i}"
     run(["ip", "netns", "add", ns])
     sysctl(ns, {"net.ipv4.ip_forward": "1", "net.ipv6.conf.all.forwarding": "1",
                 "net.ipv6.conf.all.accept_dad": "0", "net.ipv6.conf.default.accept_dad": "0",
@@ -174,10 +191,11 @@ def destroy(prefix: str) -> None:
                 os.kill(pid, 9)
     for ns in namespaces(prefix):
         run(["ip", "netns", "del", ns], check=False)
+    run(["ip", "link", "del", f"{prefix}h"], check=False)  # the host link, if any
 
 
 @contextlib.contextmanager
-def topology(prefix: str, **kwargs: int) -> Iterator[Topology]:
+def topology(prefix: str, **kwargs: Any) -> Iterator[Topology]:
     topo = create(prefix, **kwargs)
     try:
         yield topo

@@ -1,0 +1,1 @@
+"""The Kubernetes adapter: Node objects in, the node's public-key annotation out."""

@@ -1,0 +1,169 @@
+"""Talking to the API server: configuration, errors, and the annotation patch.
+
+Errors are mapped to a small hierarchy so callers decide by kind, not by status code:
+
+    KubeError
+     ├── Gone              410: the watch's resourceVersion is too old; relist
+     ├── Forbidden         401/403: RBAC or credentials; retrying will not help
+     ├── NotFound          404
+     └── Transient         409/429/5xx and connection failures; retry with backoff
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from kubernetes import client as k8s
+from kubernetes import config as k8s_config
+from kubernetes.client.exceptions import ApiException
+from urllib3.exceptions import HTTPError
+
+from wgmanager.errors import ConfigError, WgmError
+from wgmanager.kube.translate import key_patch
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class KubeError(WgmError):
+    pass
+
+
+class Gone(KubeError):
+    pass
+
+
+class Forbidden(KubeError):
+    pass
+
+
+class NotFound(KubeError):
+    pass
+
+
+class Transient(KubeError):
+    pass
+
+
+def classify(e: Exception, what: str) -> KubeError:
+    if isinstance(e, ApiException):
+        status = e.status or 0
+        reason = (e.reason or "").strip()
+        if status == 410:
+            return Gone(f"{what}: resourceVersion expired (410)")
+        if status in (401, 403):
+            return Forbidden(f"{what}: {status} {reason}; check the agent's token and its "
+                             "ClusterRole (docs/install.md lists the RBAC it needs)")
+        if status == 404:
+            return NotFound(f"{what}: not found")
+        return Transient(f"{what}: {status} {reason}")
+    return Transient(f"{what}: {type(e).__name__}: {e}")
+
+
+def load_api(kubeconfig: Path | None) -> k8s.ApiClient:
+    """An ApiClient from a kubeconfig file, or in-cluster config when none is given."""
+    cfg = k8s.Configuration()
+    try:
+        if kubeconfig is not None:
+            k8s_config.load_kube_config(  # type: ignore[no-untyped-call]
+                config_file=str(kubeconfig), client_configuration=cfg)
+        else:
+            k8s_config.load_incluster_config(  # type: ignore[no-untyped-call]
+                client_configuration=cfg)
+    except (k8s_config.ConfigException, OSError) as e:
+        where = kubeconfig or "in-cluster service account"
+        raise ConfigError(f"cannot load Kubernetes credentials from {where}: {e}; pass "
+                          "--kubeconfig or run inside a pod with a service account") from e
+    return k8s.ApiClient(cfg)
+
+
+@dataclass
+class Backoff:
+    """Exponential backoff with full jitter, reset on success."""
+
+    initial: float = 0.5
+    maximum: float = 30.0
+    attempt: int = 0
+
+    def next_delay(self) -> float:
+        delay = min(self.maximum, self.initial * (2 ** self.attempt))
+        self.attempt += 1
+        return random.uniform(delay / 2, delay)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class NodesAPI:
+    """The handful of Node calls the agent makes, returning plain JSON dicts."""
+
+    def __init__(self, api: k8s.ApiClient, *, request_timeout: float = 30.0) -> None:
+        # Typed as Any: with _preload_content=False the client returns raw responses, which
+        # its generated annotations do not describe.
+        self.core: Any = k8s.CoreV1Api(api)
+        self.request_timeout = request_timeout
+
+    def list_page(self, *, limit: int, cont: str | None) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"limit": limit, "_preload_content": False,
+                                  "_request_timeout": self.request_timeout}
+        if cont:
+            kwargs["_continue"] = cont
+        try:
+            resp = self.core.list_node(**kwargs)
+        except (ApiException, HTTPError, OSError) as e:
+            raise classify(e, "listing nodes") from e
+        return json.loads(resp.data)  # type: ignore[no-any-return]
+
+    def watch(self, *, resource_version: str, timeout_seconds: int) -> Any:
+        """A streaming response of watch events (one JSON object per line)."""
+        try:
+            return self.core.list_node(
+                watch=True, resource_version=resource_version, allow_watch_bookmarks=True,
+                timeout_seconds=timeout_seconds, _preload_content=False,
+                _request_timeout=(self.request_timeout, timeout_seconds + 30))
+        except (ApiException, HTTPError, OSError) as e:
+            raise classify(e, "watching nodes") from e
+
+    def get(self, name: str) -> dict[str, Any]:
+        try:
+            resp = self.core.read_node(name, _preload_content=False,
+                                       _request_timeout=self.request_timeout)
+        except (ApiException, HTTPError, OSError) as e:
+            raise classify(e, f"reading node {name}") from e
+        return json.loads(resp.data)  # type: ignore[no-any-return]
+
+    def publish_key(self, name: str, public_key: str) -> None:
+        try:
+            self.core.patch_node(name, key_patch(public_key),
+                                 _request_timeout=self.request_timeout)
+        except (ApiException, HTTPError, OSError) as e:
+            raise classify(e, f"annotating node {name}") from e
+
+
+def retry(call: Callable[[], T], *, what: str, stop: threading.Event,
+          backoff: Backoff | None = None, attempts: int | None = None) -> T:
+    """Retries transient failures with backoff; Forbidden/NotFound/Gone surface at once."""
+    b = backoff or Backoff()
+    n = 0
+    while True:
+        try:
+            result = call()
+        except Transient as e:
+            n += 1
+            if (attempts is not None and n >= attempts) or stop.is_set():
+                raise
+            delay = b.next_delay()
+            log.warning("API call failed, retrying", extra={"call": what, "error": str(e),
+                                                            "retry_in_s": round(delay, 2)})
+            if stop.wait(delay):
+                raise
+            continue
+        b.reset()
+        return result
