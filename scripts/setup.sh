@@ -62,4 +62,7 @@ if [[ ! -e "$stamp" ]]; then
 else
   log ".venv up to date"
 fi
+# A real kube-apiserver for the agent's end-to-end tests and the lab: built once from
+# Debian's source package (no registry ships the binary), cached by version outside the repo.
+bash scripts/build-kube-apiserver.sh
 log "done"

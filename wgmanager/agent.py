@@ -83,9 +83,8 @@ class Agent:
                 if self._nodes.get(event.node.name) == event.node:
                     return  # a status heartbeat or an unrelated field: nothing for us
                 self._nodes[event.node.name] = event.node
-            elif isinstance(event, Deleted):
-                if self._nodes.pop(event.name, None) is None:
-                    return
+            elif isinstance(event, Deleted) and self._nodes.pop(event.name, None) is None:
+                return
         self._dirty.set()
 
     def snapshot(self) -> tuple[bool, list[NodeSpec]]:
@@ -180,7 +179,7 @@ class Agent:
         agent = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+            def do_GET(self) -> None:
                 state = agent.health()
                 if self.path == "/healthz":
                     ok = bool(state["alive"])
@@ -196,7 +195,7 @@ class Agent:
                 self.end_headers()
                 self.wfile.write(body)
 
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            def log_message(self, format: str, *args: Any) -> None:
                 return
 
         try:

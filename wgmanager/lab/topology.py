@@ -3,14 +3,15 @@
     underlay ns ``{prefix}-ul``: bridge br0 ── veth ── node ns ``{prefix}-n{i}`` (eth0)
     node ns: pod veths ``veth{j}`` ── pod ns ``{prefix}-n{i}p{j}`` (eth0)
 
-Node i has underlay 10.99.0.i/24 (the first octets are a parameter) and fd99::i/64, pod CIDRs 10.244.i.0/24 and
-fd00:244:i::/64; pod j is 10.244.i.(10+j) / fd00:244:i::(10+j), reached by /32 and /128
-routes on the node (ptp-CNI style: pods route via 169.254.1.1 / fe80::1, which the host
-veth holds). Remote pod CIDRs route via the remote node's underlay address, in plaintext:
+Node i has underlay 10.99.0.i/24 (the first octets are a parameter) and fd99::i/64,
+pod CIDRs 10.244.i.0/24 and fd00:244:i::/64; pod j is 10.244.i.(10+j) and
+fd00:244:i::(10+j), reached by /32 and /128 routes on the node (ptp-CNI style: pods route
+via 169.254.1.1 / fe80::1, which the host veth holds). Remote pod CIDRs route via the
+remote node's underlay address, in plaintext:
 that is the "encryption off" baseline which wgmanager must take over.
 
 Everything is named with ``prefix``, so ``destroy`` removes exactly what ``create`` made,
-and ``stale_prefixes`` finds what a crashed run left behind.
+and the test harness (``remove_stale_runs``) finds what a crashed run left behind.
 """
 
 from __future__ import annotations

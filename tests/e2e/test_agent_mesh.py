@@ -1,0 +1,243 @@
+"""The agent on a real API server: 4 simulated nodes, one agent process each.
+
+Nodes 1-3 start with the cluster; node 4's namespace exists from the start, but its Node
+object and agent arrive in the join test.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import signal
+import statistics
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.e2e.kubecluster import KubeCluster, await_condition, free_underlay
+from tests.integration.harness import cleanup_prefix
+from tests.integration.test_encrypted_mesh import _continuous_ping, _loss
+from wgmanager.core.keys import PrivateKey, PublicKey
+from wgmanager.lab import topology
+
+LATENCIES: list[float] = []  # annotation appears -> peer configured on every other node
+
+
+@pytest.fixture(scope="module")
+def kc() -> Iterator[KubeCluster]:
+    prefix = "wge" + secrets.token_hex(2)
+    cluster: KubeCluster | None = None
+    try:
+        topo = topology.create(prefix, nodes=4, pods_per_node=1, underlay=free_underlay(),
+                               host_link=True)
+        cluster = KubeCluster(topo)
+        cluster.start_control_plane()
+        members = list(topo.nodes[:3])
+        for node in members:
+            cluster.register_node(node)
+        for node in members:
+            cluster.start_agent(node)
+        await_condition(lambda: cluster.converged(members), 90, "the mesh to converge")
+        yield cluster
+    finally:
+        if cluster is not None:
+            cluster.cleanup()
+        cleanup_prefix(prefix)
+    if LATENCIES:
+        print(f"\nannotation -> peer configured on all other nodes: "
+              f"median {statistics.median(LATENCIES):.3f}s, worst {max(LATENCIES):.3f}s "
+              f"over {len(LATENCIES)} joins")
+
+
+def members(kc: KubeCluster) -> list[topology.SimNode]:
+    return [n for n in kc.topo.nodes if n.name in kc.agents]
+
+
+def test_keys_are_published_as_annotations(kc: KubeCluster) -> None:
+    for node in members(kc):
+        value = kc.annotation(node.name)
+        assert value is not None
+        PublicKey.from_base64(value)  # valid
+        assert kc.readyz(node) is not None and kc.readyz(node)["ready"]  # type: ignore[index]
+
+
+def test_mesh_is_encrypted_between_every_pod_pair(kc: KubeCluster) -> None:
+    pods = [n.pods[0] for n in members(kc)]
+    with kc.capture("e2e-mesh") as cap:
+        failures = [f"{a.name}->{b.name}/{fam}" for a in pods for b in pods if a != b
+                    for fam in ("ipv4", "ipv6") if not kc.reaches(a, getattr(b, fam))]
+    assert failures == [], kc.diagnose()
+    assert cap.plaintext_pod_packets() == 0
+    assert cap.unexpected_packets() == 0
+    assert cap.wireguard_packets() > 0
+
+
+def _join(kc: KubeCluster, node: topology.SimNode) -> float:
+    """Registers node, starts its agent; returns annotation -> peers-everywhere latency."""
+    kc.register_node(node)
+    kc.start_agent(node)
+    await_condition(lambda: kc.annotation(node.name) is not None, 60, f"{node.name}'s key",
+                    interval=0.01)
+    appeared = time.monotonic()
+    key = PublicKey.from_base64(kc.annotation(node.name) or "")
+    others = [n for n in members(kc) if n.name != node.name]
+    await_condition(lambda: all(key in kc.peer_keys(n) for n in others), 30,
+                    f"{node.name}'s peer on every node", interval=0.01)
+    return time.monotonic() - appeared
+
+
+def test_a_fourth_node_joins_then_is_deleted(kc: KubeCluster) -> None:
+    node4 = kc.topo.nodes[3]
+    LATENCIES.append(_join(kc, node4))
+    await_condition(lambda: kc.converged(members(kc)), 60, "4-node convergence")
+    node1 = kc.topo.nodes[0]
+    assert kc.reaches(node1.pods[0], node4.pods[0].ipv4)
+    assert kc.reaches(node4.pods[0], node1.pods[0].ipv6)
+
+    key4 = PublicKey.from_base64(kc.annotation(node4.name) or "")
+    kc.kill_agent(node4, signal.SIGTERM)
+    kc.delete_node(node4.name)
+    others = members(kc)
+    await_condition(lambda: all(key4 not in kc.peer_keys(n) for n in others), 30,
+                    "node4's peer to disappear everywhere")
+    with kc.capture("e2e-deleted") as cap:
+        assert kc.ping(node1.pods[0], node4.pods[0].ipv4, count=3, interval=0.05, wait=1)[1] == 0
+    assert cap.plaintext_pod_packets() == 0  # dropped by the cluster CIDR, not leaked
+
+
+def test_joins_are_fast_and_repeatable(kc: KubeCluster) -> None:
+    """More samples of the join latency: ghost nodes (valid key, no agent) come and go."""
+    node1 = kc.topo.nodes[0]
+    for i in range(5):
+        name = f"ghost{i}"
+        key = PrivateKey.generate().public_key
+        kc.register(name, [f"10.250.0.{i + 1}"], [f"10.244.{100 + i}.0/24"])
+        start = time.monotonic()
+        kc.core.patch_node(name, {"metadata": {"annotations": {
+            "wgmanager.io/public-key": key.base64()}}})
+        await_condition(lambda k=key: all(k in kc.peer_keys(n) for n in members(kc)), 30,
+                        f"{name}'s peer everywhere", interval=0.01)
+        LATENCIES.append(time.monotonic() - start)
+        kc.delete_node(name)
+        await_condition(lambda k=key: all(k not in kc.peer_keys(n) for n in members(kc)), 30,
+                        f"{name}'s peer gone")
+    assert kc.reaches(node1.pods[0], kc.topo.nodes[1].pods[0].ipv4)
+
+
+BAD_ANNOTATIONS = {
+    "not-base64": "this is not base64!",
+    "wrong-length": "AAAA",
+    "empty": "",
+}
+
+
+def test_bad_annotations_are_skipped_and_leave_other_peers_untouched(kc: KubeCluster) -> None:
+    nodes = members(kc)
+    before = {n.name: {k: st.config() for k, st in kc.device(n).read().peers.items()}
+              for n in nodes}
+    bad = dict(BAD_ANNOTATIONS)
+    bad["stolen-key"] = kc.annotation(nodes[1].name) or ""  # another node's key
+    for i, (label, value) in enumerate(bad.items()):
+        kc.register(f"bad-{label}", [f"10.251.0.{i + 1}"], [f"10.244.{200 + i}.0/24"],
+                    annotations={"wgmanager.io/public-key": value})
+    try:
+        def warned() -> bool:
+            logs = kc.agent_log(nodes[0])
+            return all(f"bad-{label}" in logs for label in bad if label != "empty")
+        await_condition(warned, 30, "warnings naming every bad node", interval=0.2)
+        log0 = kc.agent_log(nodes[0])
+        assert "not valid base64" in log0
+        assert "already used by node" in log0
+        time.sleep(1.0)  # give any (wrong) reaction time to happen before comparing
+        after = {n.name: {k: st.config() for k, st in kc.device(n).read().peers.items()}
+                 for n in nodes}
+        assert after == before
+        assert kc.reaches(nodes[0].pods[0], nodes[1].pods[0].ipv4)
+    finally:
+        for label in bad:
+            kc.delete_node(f"bad-{label}")
+
+
+def test_agent_sigkill_and_restart_under_a_10ms_ping_loses_nothing(kc: KubeCluster) -> None:
+    node1, node2 = kc.topo.nodes[0], kc.topo.nodes[1]
+    src, dst = node1.pods[0], node2.pods[0]
+    assert kc.reaches(src, dst.ipv4)
+    result: dict[str, str] = {}
+    t = _continuous_ping(kc, src.netns, dst.ipv4, 8.0, result)
+    time.sleep(1.0)
+    kc.kill_agent(node1, signal.SIGKILL)
+    time.sleep(1.0)
+    kc.start_agent(node1)
+    await_condition(lambda: (kc.readyz(node1) or {}).get("ready"), 60, "node1's agent ready",
+                    interval=0.2)
+    t.join()
+    sent, received = _loss(result["out"])
+    assert sent > 500 and received == sent, result["out"]
+    log = kc.agent_log(node1)
+    assert log.count("agent starting") >= 2
+
+
+def test_api_server_down_for_30s_leaves_traffic_alone_and_agents_resume(
+        kc: KubeCluster) -> None:
+    nodes = members(kc)
+    src, dst = nodes[0].pods[0], nodes[2].pods[0]
+    result: dict[str, str] = {}
+    t = _continuous_ping(kc, src.netns, dst.ipv6, 34.0, result)
+    time.sleep(1.0)
+    kc.cp.stop_apiserver()
+    time.sleep(30.0)
+    kc.cp.start_apiserver()
+    t.join()
+    sent, received = _loss(result["out"])
+    assert received == sent, result["out"]
+    # Watches resume: a node added after the restart reaches every agent.
+    key = PrivateKey.generate().public_key
+    kc.register("after-restart", ["10.252.0.1"], ["10.244.250.0/24"],
+                annotations={"wgmanager.io/public-key": key.base64()})
+    try:
+        await_condition(lambda: all(key in kc.peer_keys(n) for n in nodes), 90,
+                        "the post-restart node's peer on every node", interval=0.2)
+    finally:
+        kc.delete_node("after-restart")
+    for node in nodes:
+        assert (kc.readyz(node) or {}).get("ready"), json.dumps(kc.readyz(node))
+
+
+
+
+def test_each_kind_of_node_change_touches_only_that_nodes_peer(kc: KubeCluster) -> None:
+    """Address and key changes through the API; the other peers stay exactly as they were.
+
+    (spec.podCIDRs is immutable in Kubernetes once set; a CIDR change is a delete and a
+    re-create, which the join/delete tests cover.)
+    """
+    nodes = members(kc)
+    key = PrivateKey.generate().public_key
+    kc.register("shifty", ["10.253.0.1"], ["10.244.240.0/24"],
+                annotations={"wgmanager.io/public-key": key.base64()})
+
+    def others() -> dict[str, dict[PublicKey, object]]:
+        return {n.name: {k: st for k, st in kc.device(n).read().peers.items() if k != key
+                         and k != new_key} for n in nodes}
+
+    new_key = PrivateKey.generate().public_key
+    try:
+        await_condition(lambda: all(key in kc.peer_keys(n) for n in nodes), 30, "shifty's peer")
+        before = others()
+
+        kc.core.patch_node_status("shifty", {"status": {"addresses": [
+            {"type": "InternalIP", "address": "10.253.0.2"}]}})
+
+        def moved() -> bool:
+            return all(str(kc.device(n).read().peers[key].endpoint) == "10.253.0.2:51820"
+                       for n in nodes)
+        await_condition(moved, 30, "shifty's endpoint to follow its address")
+
+        kc.core.patch_node("shifty", {"metadata": {"annotations": {
+            "wgmanager.io/public-key": new_key.base64()}}})
+        await_condition(lambda: all(new_key in kc.peer_keys(n) and key not in kc.peer_keys(n)
+                                    for n in nodes), 30, "shifty's peer to follow its new key")
+        assert others() == before  # handshakes, counters and all: untouched
+    finally:
+        kc.delete_node("shifty")
