@@ -151,7 +151,7 @@ class KubeCluster(Cluster):
 
     def diagnose(self) -> str:
         """Each node's datapath, device and neighbours: attached to assertion messages."""
-        from wgmanager.datapath.maps import PinnedMaps  # noqa: PLC0415
+        from wgmanager.datapath.maps import PinnedMaps
 
         out = []
         for node in self.topo.nodes:
