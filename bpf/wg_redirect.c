@@ -142,7 +142,9 @@ static __always_inline int steer(struct __sk_buff *skb, struct cidr_value *dst)
             count(CNT_DROPPED_NO_DEVICE, skb);
             return TC_ACT_SHOT;
         }
-        if (cfg->wg_mtu && skb->len > cfg->wg_mtu + ETH_HLEN)
+        /* GSO packets (a TCP burst of up to 64 KiB) are segmented to the pod's MSS on the
+         * way into the device: only a single packet over the MTU is really oversize. */
+        if (cfg->wg_mtu && skb->gso_segs <= 1 && skb->len > cfg->wg_mtu + ETH_HLEN)
             count(CNT_OVERSIZE, skb);
         count(CNT_REDIRECTED, skb);
         /* If the device vanished (wireguard-go restarting) the redirect drops: fail closed. */

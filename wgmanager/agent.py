@@ -97,6 +97,10 @@ class Agent:
         self._stop.set()
         self._dirty.set()
 
+    def poke(self) -> None:
+        """Reconcile now (SIGHUP): e.g. after someone removed our tc filters by hand."""
+        self._dirty.set()
+
     def run(self) -> None:
         key = self.reconciler.private_key.public_key.base64()
         log.info("agent starting", extra={"node": self.node_name, "public_key": key,

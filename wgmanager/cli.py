@@ -56,6 +56,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds to gather a burst of node events into one reconcile")
     _node_flags(g)
 
+    st = sub.add_parser("status", help="show this node's WireGuard device, peers and datapath")
+    st.add_argument("--json", action="store_true", help="stable machine-readable output")
+    st.add_argument("--node-name", default=os.environ.get("NODE_NAME"),
+                    help="this node's name, to compare with the API (default: $NODE_NAME)")
+    st.add_argument("--kubeconfig", type=Path, default=_env_path("KUBECONFIG"),
+                    help="compare with the Nodes in this cluster (default: $KUBECONFIG)")
+    _node_flags(st)
+
+    lab = sub.add_parser("lab", help="a multi-node encrypted cluster on this machine")
+    lab.add_argument("--root", type=Path, default=Path("/run/wgmanager-lab"),
+                     help="where the lab keeps its state (default %(default)s)")
+    lab.add_argument("--prefix", default="wgl",
+                     help="name prefix of the lab's namespaces (default %(default)s)")
+    lsub = lab.add_subparsers(dest="lab_command", required=True, metavar="LAB_COMMAND")
+    lu = lsub.add_parser("up", help="build the lab: namespaces, API server, agents")
+    lu.add_argument("--nodes", type=int, default=3)
+    lu.add_argument("--pods-per-node", type=int, default=2)
+    lsub.add_parser("down", help="remove everything the lab created")
+    ls = lsub.add_parser("status", help="nodes, agents, peers and handshakes")
+    ls.add_argument("--json", action="store_true")
+    lsub.add_parser("check", help="prove connectivity and encryption (non-zero on failure)")
+    le = lsub.add_parser("exec", help="run a command inside a node or pod: exec NAME -- CMD")
+    le.add_argument("name")
+    le.add_argument("argv", nargs=argparse.REMAINDER)
+
     t = sub.add_parser("teardown", help="remove wgmanager's device, filters and maps from "
                                         "this node (the key is kept)")
     _node_flags(t)
@@ -177,6 +202,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
     )
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: agent.stop())
+    signal.signal(signal.SIGHUP, lambda *_: agent.poke())
     agent.run()
     return 0
 
@@ -197,6 +223,39 @@ def _env_path(name: str) -> Path | None:
     return Path(value) if value else None
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from wgmanager import status
+    from wgmanager.core.model import MeshConfig
+    from wgmanager.kube.client import KubeError, NodesAPI, load_api
+    from wgmanager.kube.translate import node_spec
+    from wgmanager.wireguard.select import select_backend
+
+    port = args.listen_port or config.DEFAULT_LISTEN_PORT
+    settings = settings_from(args, args.node_name or "", port)
+    nodes = None
+    api_error = None
+    if args.node_name and args.kubeconfig is not None:
+        try:
+            api = NodesAPI(load_api(args.kubeconfig), request_timeout=5.0)
+            items = api.list_page(limit=0, cont=None).get("items") or []
+            nodes = [node_spec(item) for item in items]
+        except (KubeError, ConfigError) as e:
+            api_error = f"cannot compare with the API: {e}"
+    doc = status.collect(settings, select_backend(settings.wireguard), nodes=nodes,
+                         mesh_config=MeshConfig(listen_port=port))
+    if api_error:
+        doc["errors"].append(api_error)
+        doc["ok"] = False
+    print(json.dumps(doc, indent=2) if args.json else status.render(doc))
+    return 0
+
+
+def cmd_lab(args: argparse.Namespace) -> int:
+    from wgmanager.lab import cli as lab_cli
+
+    return lab_cli.run(args)
+
+
 def cmd_teardown(args: argparse.Namespace) -> int:
     from wgmanager.node import teardown
     from wgmanager.wireguard.select import select_backend
@@ -208,7 +267,7 @@ def cmd_teardown(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"pubkey": cmd_pubkey, "apply": cmd_apply, "agent": cmd_agent,
-            "teardown": cmd_teardown}
+            "status": cmd_status, "lab": cmd_lab, "teardown": cmd_teardown}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,163 +1,99 @@
-"""A simulated cluster on a real API server, with one real `wgmanager agent` per node.
+"""The e2e tests' view of a lab: `wgmanager.lab.Lab` plus a few assertions helpers.
 
-Builds on the integration harness (namespaces, pods, captures, probes) and adds:
-a real etcd + kube-apiserver (TLS, token auth, RBAC) reachable from the nodes over the
-underlay through a host link; Node objects registered the way a kubelet and the
-node-IPAM controller would (InternalIPs in status, podCIDRs in spec); a least-privilege
-token for the agents, bound to the ClusterRole documented in docs/install.md; and one agent
-process per node inside its network namespace.
+The tests build their cluster with the same code as `wgmanager lab up` (a real etcd +
+kube-apiserver with TLS, token auth and RBAC; Node objects registered as kubelet would; one
+real agent process per node), under /run/wgmanager-tests so that crashed runs are swept by
+the integration harness's stale-run cleanup.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import signal
 import subprocess
-import sys
-import time
 from typing import Any
 
-from kubernetes import client as k8s
-
-from tests.integration.harness import CLUSTER_CIDRS, Cluster
+from tests.integration.harness import PIN_ROOT, RUN_ROOT
 from wgmanager.core.keys import PublicKey
-from wgmanager.lab.controlplane import ControlPlane
-from wgmanager.lab.topology import SimNode, Topology
+from wgmanager.datapath.maps import PinnedMaps
+from wgmanager.lab import traffic
+from wgmanager.lab.capture import Capture
+from wgmanager.lab.lab import Lab, await_condition
+from wgmanager.lab.topology import Pod, SimNode
 from wgmanager.wireguard.userspace import UserspaceBackend
 
-AGENT_USER = "wgmanager-agent"
-# The least RBAC the agent needs: read and watch all Nodes, patch its own annotation.
-AGENT_RULES = [{"apiGroups": [""], "resources": ["nodes"],
-                "verbs": ["get", "list", "watch", "patch"]}]
+__all__ = ["KubeCluster", "await_condition"]
 
 
-def await_condition(cond: Any, timeout: float, what: str, interval: float = 0.05) -> float:
-    """Polls until ``cond()`` is truthy; returns the seconds it took. Raises on timeout."""
-    start = time.monotonic()
-    while True:
-        if cond():
-            return time.monotonic() - start
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
+class KubeCluster:
+    def __init__(self, prefix: str) -> None:
+        self.lab = Lab(RUN_ROOT / prefix, prefix=prefix, pin_root=PIN_ROOT)
 
+    @property
+    def topo(self) -> Any:
+        return self.lab.topology
 
-class KubeCluster(Cluster):
-    def __init__(self, topo: Topology) -> None:
-        super().__init__(topo)
-        assert topo.host_address, "the API server needs the host link"
-        self.cp = ControlPlane(self.run_dir / "controlplane", bind_address=topo.host_address,
-                               secure_port=6443)
-        self.agent_token = self.cp.add_token(AGENT_USER)
-        self.agents: dict[str, subprocess.Popen[bytes]] = {}
-        self.agent_kubeconfig = self.run_dir / "agent.kubeconfig"
+    @property
+    def core(self) -> Any:
+        return self.lab.core
 
-    # -- control plane --------------------------------------------------------------------
+    @property
+    def cp(self) -> Any:
+        assert self.lab.cp is not None
+        return self.lab.cp
 
-    def start_control_plane(self) -> None:
-        self.cp.start()
-        self.cp.write_kubeconfig(self.agent_kubeconfig, self.agent_token)
-        self.api = self.cp.api_client()
-        self.core = k8s.CoreV1Api(self.api)
-        rbac = k8s.RbacAuthorizationV1Api(self.api)
-        rbac.create_cluster_role({"metadata": {"name": "wgmanager-agent"},
-                                  "rules": AGENT_RULES})
-        rbac.create_cluster_role_binding({
-            "metadata": {"name": "wgmanager-agent"},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
-                        "name": "wgmanager-agent"},
-            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User",
-                          "name": AGENT_USER}]})
+    def members(self) -> list[SimNode]:
+        return [n for n in self.lab.nodes if self.lab.agent_pid(n) is not None]
 
-    def register_node(self, node: SimNode, *, annotations: dict[str, str] | None = None) -> None:
-        """As kubelet (status.addresses) and the node-IPAM controller (spec.podCIDRs) would."""
-        self.register(node.name, [node.ipv4, node.ipv6], [node.pod_cidr4, node.pod_cidr6],
-                      annotations=annotations)
+    def register_node(self, node: SimNode) -> None:
+        self.lab.register_node(node)
 
     def register(self, name: str, addresses: list[str], pod_cidrs: list[str], *,
                  annotations: dict[str, str] | None = None) -> None:
-        self.core.create_node({"metadata": {"name": name, "annotations": annotations or {}},
-                               "spec": {"podCIDR": pod_cidrs[0], "podCIDRs": pod_cidrs}})
-        self.core.patch_node_status(name, {"status": {"addresses": [
-            {"type": "InternalIP", "address": a} for a in addresses]}})
+        self.lab.register(name, addresses, pod_cidrs, annotations=annotations)
 
     def delete_node(self, name: str) -> None:
         self.core.delete_node(name)
 
     def annotation(self, name: str) -> str | None:
-        try:
-            node = self.core.read_node(name)
-        except k8s.ApiException:
-            return None
-        return (node.metadata.annotations or {}).get("wgmanager.io/public-key")
-
-    # -- agents -----------------------------------------------------------------------------
+        return self.lab.annotation(name)
 
     def start_agent(self, node: SimNode) -> None:
-        log = open(self.run_dir / f"{node.name}-agent.log", "ab")  # noqa: SIM115
-        argv = ["nsenter", f"--net=/run/netns/{node.netns}", sys.executable, "-m", "wgmanager",
-                "agent", "--node-name", node.name, "--kubeconfig", str(self.agent_kubeconfig),
-                "--cluster-cidrs", ",".join(CLUSTER_CIDRS), *self.node_args(node)]
-        self.agents[node.name] = subprocess.Popen(argv, stdout=log, stderr=log,
-                                                  start_new_session=True)
-        log.close()
+        self.lab.start_agent(node)
 
     def kill_agent(self, node: SimNode, sig: int = signal.SIGKILL) -> None:
-        proc = self.agents.pop(node.name)
-        os.kill(proc.pid, sig)
-        proc.wait(timeout=30)
+        self.lab.stop_agent(node, sig)
 
     def agent_log(self, node: SimNode) -> str:
-        path = self.run_dir / f"{node.name}-agent.log"
+        path = self.lab.agent_log_file(node)
         return path.read_text(errors="replace") if path.exists() else ""
 
     def readyz(self, node: SimNode) -> dict[str, Any] | None:
-        res = subprocess.run(["ip", "netns", "exec", node.netns, sys.executable, "-c",
-                              "import urllib.request,sys\n"
-                              "try:\n"
-                              " r=urllib.request.urlopen('http://127.0.0.1:9876/readyz',"
-                              "timeout=2); print(r.read().decode())\n"
-                              "except Exception as e: sys.exit(1)"],
-                             capture_output=True, text=True, check=False)
-        return json.loads(res.stdout) if res.returncode == 0 and res.stdout else None
-
-    # -- the device as each node holds it -----------------------------------------------
+        return self.lab.health(node)
 
     def device(self, node: SimNode) -> UserspaceBackend:
-        return UserspaceBackend("wgm0", socket_dir=self.run_dir / node.name / "wg", spawn=False)
+        return self.lab.device(node)
 
     def peer_keys(self, node: SimNode) -> set[PublicKey]:
-        dev = self.device(node)
-        with contextlib.suppress(Exception):
-            if dev.device_exists():
-                return set(dev.read().peers)
-        return set()
-
-    def expected_keys(self, node: SimNode, members: list[SimNode]) -> set[PublicKey]:
-        keys = set()
-        for other in members:
-            if other.name != node.name:
-                value = self.annotation(other.name)
-                if value:
-                    keys.add(PublicKey.from_base64(value))
-        return keys
+        return self.lab.peer_keys(node)
 
     def converged(self, members: list[SimNode]) -> bool:
-        if any(self.annotation(n.name) is None for n in members):
-            return False
-        return all(self.peer_keys(n) == self.expected_keys(n, members) for n in members)
+        return self.lab.converged(members)
+
+    def capture(self, name: str) -> contextlib.AbstractContextManager[Capture]:
+        return self.lab.capture(name)
+
+    def reaches(self, pod: Pod, dst: str) -> bool:
+        return traffic.reaches(pod, dst)
+
+    def ping(self, pod: Pod, dst: str, **kwargs: Any) -> tuple[int, int]:
+        return traffic.ping(pod, dst, **kwargs)
 
     def diagnose(self) -> str:
         """Each node's datapath, device and neighbours: attached to assertion messages."""
-        from wgmanager.datapath.maps import PinnedMaps
-
         out = []
-        for node in self.topo.nodes:
-            if node.name not in self.agents:
-                continue
-            with contextlib.suppress(Exception), PinnedMaps(self.pin_root / node.name) as m:
+        for node in self.members():
+            with contextlib.suppress(Exception), PinnedMaps(self.lab.pin_root / node.name) as m:
                 out.append(f"{node.name} map={m.read_cidrs()} counters={m.read_counters()}")
             with contextlib.suppress(Exception):
                 out.append(f"{node.name} peers={self.device(node).read().peers}")
@@ -166,22 +102,3 @@ class KubeCluster(Cluster):
             out.append(f"{node.name} neigh6={res.stdout.strip()!r}")
             out.append(f"{node.name} log tail={self.agent_log(node)[-600:]!r}")
         return "\n".join(out)
-
-    def cleanup(self) -> None:
-        for name in list(self.agents):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.agents.pop(name).pid, signal.SIGKILL)
-        self.cp.stop()
-        super().cleanup()
-
-
-def free_underlay() -> str:
-    """A 10.x.0 /24 no route on this machine covers, for the host link."""
-    routes = subprocess.run(["ip", "-4", "route", "show", "table", "all"], capture_output=True,
-                            text=True, check=False).stdout
-    for second in range(90, 99):
-        if f"10.{second}.0." not in routes:
-            return f"10.{second}.0"
-    raise RuntimeError("no free 10.9x.0.0/24 for the e2e underlay")
-
-

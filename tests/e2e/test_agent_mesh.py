@@ -15,34 +15,25 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.e2e.kubecluster import KubeCluster, await_condition, free_underlay
+from tests.e2e.kubecluster import KubeCluster, await_condition
 from tests.integration.harness import cleanup_prefix
-from tests.integration.test_encrypted_mesh import _continuous_ping, _loss
 from wgmanager.core.keys import PrivateKey, PublicKey
 from wgmanager.lab import topology
+from wgmanager.lab.traffic import continuous_ping
 
 LATENCIES: list[float] = []  # annotation appears -> peer configured on every other node
 
 
 @pytest.fixture(scope="module")
 def kc() -> Iterator[KubeCluster]:
+    """4 node namespaces; nodes 1-3 registered with agents (the lab's own `up`)."""
     prefix = "wge" + secrets.token_hex(2)
-    cluster: KubeCluster | None = None
+    cluster = KubeCluster(prefix)
     try:
-        topo = topology.create(prefix, nodes=4, pods_per_node=1, underlay=free_underlay(),
-                               host_link=True)
-        cluster = KubeCluster(topo)
-        cluster.start_control_plane()
-        members = list(topo.nodes[:3])
-        for node in members:
-            cluster.register_node(node)
-        for node in members:
-            cluster.start_agent(node)
-        await_condition(lambda: cluster.converged(members), 90, "the mesh to converge")
+        cluster.lab.up(nodes=4, pods_per_node=1, start_agents=3)
         yield cluster
     finally:
-        if cluster is not None:
-            cluster.cleanup()
+        cluster.lab.down()
         cleanup_prefix(prefix)
     if LATENCIES:
         print(f"\nannotation -> peer configured on all other nodes: "
@@ -51,7 +42,7 @@ def kc() -> Iterator[KubeCluster]:
 
 
 def members(kc: KubeCluster) -> list[topology.SimNode]:
-    return [n for n in kc.topo.nodes if n.name in kc.agents]
+    return kc.members()
 
 
 def test_keys_are_published_as_annotations(kc: KubeCluster) -> None:
@@ -163,17 +154,15 @@ def test_agent_sigkill_and_restart_under_a_10ms_ping_loses_nothing(kc: KubeClust
     node1, node2 = kc.topo.nodes[0], kc.topo.nodes[1]
     src, dst = node1.pods[0], node2.pods[0]
     assert kc.reaches(src, dst.ipv4)
-    result: dict[str, str] = {}
-    t = _continuous_ping(kc, src.netns, dst.ipv4, 8.0, result)
+    run = continuous_ping(src, dst.ipv4, 8.0)
     time.sleep(1.0)
     kc.kill_agent(node1, signal.SIGKILL)
     time.sleep(1.0)
     kc.start_agent(node1)
     await_condition(lambda: (kc.readyz(node1) or {}).get("ready"), 60, "node1's agent ready",
                     interval=0.2)
-    t.join()
-    sent, received = _loss(result["out"])
-    assert sent > 500 and received == sent, result["out"]
+    sent, received = run.result()
+    assert sent > 500 and received == sent, run.output
     log = kc.agent_log(node1)
     assert log.count("agent starting") >= 2
 
@@ -182,15 +171,13 @@ def test_api_server_down_for_30s_leaves_traffic_alone_and_agents_resume(
         kc: KubeCluster) -> None:
     nodes = members(kc)
     src, dst = nodes[0].pods[0], nodes[2].pods[0]
-    result: dict[str, str] = {}
-    t = _continuous_ping(kc, src.netns, dst.ipv6, 34.0, result)
+    run = continuous_ping(src, dst.ipv6, 34.0)
     time.sleep(1.0)
     kc.cp.stop_apiserver()
     time.sleep(30.0)
     kc.cp.start_apiserver()
-    t.join()
-    sent, received = _loss(result["out"])
-    assert received == sent, result["out"]
+    sent, received = run.result()
+    assert received == sent, run.output
     # Watches resume: a node added after the restart reaches every agent.
     key = PrivateKey.generate().public_key
     kc.register("after-restart", ["10.252.0.1"], ["10.244.250.0/24"],

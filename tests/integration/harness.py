@@ -11,52 +11,22 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-from wgmanager.lab import topology
+from wgmanager.lab import topology, traffic
+from wgmanager.lab.capture import Capture, capture
 from wgmanager.lab.topology import Pod, SimNode, Topology
 
 RUN_ROOT = Path("/run/wgmanager-tests")
 PIN_ROOT = Path("/sys/fs/bpf/wgmanager-tests")
+LAB_PIN_ROOT = Path("/sys/fs/bpf/wgmanager-lab")
 WGM = [sys.executable, "-m", "wgmanager"]
-POD_FILTER = "net 10.244.0.0/16 or net fd00:244::/32"
 CLUSTER_CIDRS = ["10.244.0.0/16", "fd00:244::/32"]
 LISTEN_PORT = 51820
-
-
-@dataclass
-class Capture:
-    pcap: Path
-
-    def count(self, bpf_filter: str) -> int:
-        res = subprocess.run(["tcpdump", "-nn", "-r", str(self.pcap), bpf_filter],
-                             capture_output=True, text=True, check=False)
-        if res.returncode != 0:
-            raise RuntimeError(f"tcpdump -r failed: {res.stderr.strip()}")
-        return len([ln for ln in res.stdout.splitlines() if ln.strip()])
-
-    def plaintext_pod_packets(self) -> int:
-        return self.count(POD_FILTER)
-
-    def wireguard_packets(self) -> int:
-        return self.count(f"udp port {LISTEN_PORT}")
-
-    def unexpected_packets(self) -> int:
-        """Anything but WireGuard UDP and link-local housekeeping (ARP, ND, multicast)."""
-        return self.count(f"(ip or ip6) and not (udp port {LISTEN_PORT}) "
-                          "and not (ip6 and dst net ff00::/8) "
-                          "and not (icmp6 and ip6[40] >= 133 and ip6[40] <= 137)")
-
-    def fragments(self) -> int:
-        return self.count("(ip and (ip[6:2] & 0x3fff) != 0) or (ip6 and ip6[6] == 44)")
 
 
 class Cluster:
@@ -121,70 +91,22 @@ class Cluster:
 
     def ping(self, pod: Pod, dst: str, *, count: int = 2, interval: float = 0.2,
              size: int = 56, wait: float = 2.0) -> tuple[int, int]:
-        """(transmitted, received)."""
-        res = subprocess.run(["ip", "netns", "exec", pod.netns, "ping", "-n", "-q",
-                              "-c", str(count), "-i", str(interval), "-s", str(size),
-                              "-W", str(wait), dst],
-                             capture_output=True, text=True, check=False,
-                             timeout=count * interval + wait + 30)
-        m = re.search(r"(\d+) packets transmitted, (\d+) received", res.stdout)
-        if m is None:
-            raise AssertionError(f"ping {dst} from {pod.name}: {res.stdout} {res.stderr}")
-        return int(m.group(1)), int(m.group(2))
+        return traffic.ping(pod, dst, count=count, interval=interval, size=size, wait=wait)
 
     def reaches(self, pod: Pod, dst: str) -> bool:
-        """One ICMP echo, retried once: the first packet may wait for a handshake."""
-        for _ in range(2):
-            _, received = self.ping(pod, dst, count=1, wait=2.0)
-            if received:
-                return True
-        return False
+        return traffic.reaches(pod, dst)
 
-    @contextlib.contextmanager
-    def tcp_server(self, pod: Pod, port: int, count: int = 0) -> Iterator[None]:
-        proc = subprocess.Popen(
-            ["ip", "netns", "exec", pod.netns, sys.executable, "-m", "wgmanager.lab.probe",
-             "serve", "--port", str(port), "--count", str(count)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            assert proc.stdout is not None
-            line = proc.stdout.readline().strip()
-            if line != "ready":
-                raise AssertionError(f"probe server in {pod.name} failed: {proc.stderr.read()}")
-            yield
-        finally:
-            proc.kill()
-            proc.wait()
+    def tcp_server(self, pod: Pod, port: int,
+                   count: int = 0) -> contextlib.AbstractContextManager[None]:
+        return traffic.tcp_server(pod, port, count)
 
     def tcp_send(self, pod: Pod, host: str, port: int, nbytes: int = 4096) -> dict[str, object]:
-        res = subprocess.run(["ip", "netns", "exec", pod.netns, sys.executable, "-m",
-                              "wgmanager.lab.probe", "send", host, str(port),
-                              "--bytes", str(nbytes)],
-                             capture_output=True, text=True, check=False, timeout=60)
-        try:
-            return json.loads(res.stdout)  # type: ignore[no-any-return]
-        except json.JSONDecodeError:
-            return {"ok": False, "error": res.stderr.strip()}
+        return traffic.tcp_send(pod, host, port, nbytes)
 
-    @contextlib.contextmanager
-    def capture(self, name: str) -> Iterator[Capture]:
-        """tcpdump on the underlay bridge, started (listening) before the body runs."""
-        pcap = self.run_dir / f"{name}.pcap"
-        proc = subprocess.Popen(["ip", "netns", "exec", self.topo.underlay_netns, "tcpdump",
-                                 "-i", self.topo.bridge, "-nn", "-U", "--immediate-mode",
-                                 "-w", str(pcap)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        assert proc.stderr is not None
-        line = proc.stderr.readline()
-        if "listening on" not in line:
-            proc.kill()
-            raise AssertionError(f"tcpdump did not start: {line}")
-        try:
-            yield Capture(pcap)
-        finally:
-            time.sleep(0.2)  # in-flight packets are on the wire within microseconds; margin
-            proc.send_signal(signal.SIGINT)
-            proc.wait(timeout=10)
+    def capture(self, name: str) -> contextlib.AbstractContextManager[Capture]:
+        return capture(self.topo.underlay_netns, self.topo.bridge,
+                       self.run_dir / f"{name}.pcap", wg_port=LISTEN_PORT,
+                       pod_nets=tuple(CLUSTER_CIDRS))
 
     # -- cleanup ------------------------------------------------------------------------
 
@@ -200,6 +122,9 @@ def cleanup_prefix(prefix: str) -> None:
             os.kill(int(pidfile.read_text().strip()), signal.SIGKILL)
     topology.destroy(prefix)
     shutil.rmtree(PIN_ROOT / prefix, ignore_errors=True)
+    shutil.rmtree(LAB_PIN_ROOT / prefix, ignore_errors=True)  # a lab-CLI test's pins
+    with contextlib.suppress(OSError):
+        PIN_ROOT.rmdir()  # only once no other run's pins are in it
     shutil.rmtree(run_dir, ignore_errors=True)
 
 

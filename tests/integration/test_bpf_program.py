@@ -7,6 +7,7 @@ TC_ACT_REDIRECT (into the WireGuard device), plus the counters the program keeps
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import secrets
 import shutil
@@ -64,6 +65,8 @@ def prog() -> Iterator[Loaded]:
         loaded.maps.close()
         loaded.program.close()
         shutil.rmtree(pin_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            pin_dir.parent.rmdir()
 
 
 @pytest.mark.parametrize(("dst", "expected"), [

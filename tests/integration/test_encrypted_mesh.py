@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import threading
 from pathlib import Path
 
 import pytest
 
 from tests.integration.harness import Cluster
 from wgmanager.datapath.maps import Counter, PinnedMaps
+from wgmanager.lab.traffic import continuous_ping
 
 FAMILIES = ["ipv4", "ipv6"]
 
@@ -104,45 +103,20 @@ def test_removed_peer_traffic_is_dropped_not_leaked(cluster: Cluster, how: str) 
     assert cluster.reaches(src, gone.ipv4)
 
 
-def _continuous_ping(cluster: Cluster, src_netns: str, dst: str, seconds: float,
-                     result: dict[str, str]) -> threading.Thread:
-    count = int(seconds / 0.01)
-
-    def run() -> None:
-        res = subprocess.run(["ip", "netns", "exec", src_netns, "ping", "-n", "-q", "-i", "0.01",
-                              "-c", str(count), "-W", "1", dst],
-                             capture_output=True, text=True, check=False)
-        result["out"] = res.stdout
-
-    t = threading.Thread(target=run)
-    t.start()
-    return t
-
-
-def _loss(out: str) -> tuple[int, int]:
-    import re
-
-    m = re.search(r"(\d+) packets transmitted, (\d+) received", out)
-    assert m, out
-    return int(m.group(1)), int(m.group(2))
-
-
 def test_reloading_the_datapath_under_a_10ms_ping_loses_nothing(cluster: Cluster) -> None:
     node1, node2, _ = cluster.topo.nodes
     src, dst = node1.pods[0], node2.pods[0]
     assert cluster.reaches(src, dst.ipv4)
-    result: dict[str, str] = {}
-    t = _continuous_ping(cluster, src.netns, dst.ipv4, 6.0, result)
+    run = continuous_ping(src, dst.ipv4, 6.0)
     reloads = 0
-    while t.is_alive() and reloads < 3:
+    while run.thread.is_alive() and reloads < 3:
         # A fresh process: recompiles the program and swaps it in on the pinned maps.
         cluster.apply(node1)
         cluster.apply(node2)
         reloads += 1
-    t.join()
-    sent, received = _loss(result["out"])
+    sent, received = run.result()
     assert reloads >= 2
-    assert sent > 0 and received == sent, result["out"]
+    assert sent > 0 and received == sent, run.output
 
 
 def test_withdrawing_one_allowed_ip_keeps_the_peers_other_traffic_flowing(
@@ -150,19 +124,17 @@ def test_withdrawing_one_allowed_ip_keeps_the_peers_other_traffic_flowing(
     node1, node2, _ = cluster.topo.nodes
     src, dst = node1.pods[0], node2.pods[0]
     assert cluster.reaches(src, dst.ipv4)
-    result: dict[str, str] = {}
-    t = _continuous_ping(cluster, src.netns, dst.ipv4, 3.0, result)
+    run = continuous_ping(src, dst.ipv4, 3.0)
     try:
         # node2 now announces only its IPv4 pod CIDR: node1's peer loses the IPv6 one.
         cluster.write_mesh(overrides={node2.name: {"podCIDRs": [node2.pod_cidr4]}})
         summary = cluster.apply(node1)
         assert summary["peer_ops"] == 1
-        t.join()
-        sent, received = _loss(result["out"])
-        assert received == sent, result["out"]
+        sent, received = run.result()
+        assert received == sent, run.output
         assert not cluster.reaches(src, dst.ipv6)  # withdrawn: dropped, never leaked
     finally:
-        t.join()
+        run.thread.join()
         cluster.write_mesh()
         cluster.apply(node1)
     assert cluster.reaches(src, dst.ipv6)

@@ -497,3 +497,13 @@ def _write_private(path: Path, data: str | bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data.encode() if isinstance(data, str) else data)
+
+
+def stop_processes_under(work_dir: Path) -> int:
+    """Stops every etcd/kube-apiserver running in ``work_dir`` (found by cwd, so a reused
+    pid is never hit). For a process that did not start them, e.g. `wgmanager lab down`."""
+    count = 0
+    for pid, _cwd in list(_processes_under(work_dir)):
+        _kill(pid)
+        count += 1
+    return count

@@ -1,0 +1,103 @@
+"""`wgmanager lab` as a user runs it: up, status, exec, check, down, each as a process."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.harness import LAB_PIN_ROOT, RUN_ROOT, cleanup_prefix
+from wgmanager.lab import topology
+
+
+class LabCLI:
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.root = RUN_ROOT / prefix
+
+    def __call__(self, *argv: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "wgmanager", "lab", "--root",
+                               str(self.root), "--prefix", self.prefix, *argv],
+                              capture_output=True, text=True, check=False, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[LabCLI]:
+    prefix = "wgc" + secrets.token_hex(2)
+    cli = LabCLI(prefix)
+    try:
+        res = cli("up", "--nodes", "3", "--pods-per-node", "1")
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert "converged" in res.stdout
+        yield cli
+    finally:
+        cli("down")
+        cleanup_prefix(prefix)
+
+
+def test_up_again_is_harmless(lab: LabCLI) -> None:
+    res = lab("up", "--nodes", "3", "--pods-per-node", "1")
+    assert res.returncode == 0 and "already up" in res.stdout
+    other = lab("up", "--nodes", "5", "--pods-per-node", "1")
+    assert other.returncode == 1
+    assert other.stderr.count("\n") == 1 and "lab down" in other.stderr
+
+
+def test_status_json_describes_the_lab(lab: LabCLI) -> None:
+    res = lab("status", "--json")
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert Path(doc["kubeconfig"]).is_file()
+    assert doc["underlay"]["netns"] in topology.namespaces(lab.prefix)
+    assert doc["underlay"]["interface"] == "br0"
+    assert len(doc["nodes"]) == 3
+    for node in doc["nodes"]:
+        assert node["agent"]["running"] and node["agent"]["ready"]
+        assert node["netns"] in topology.namespaces(lab.prefix)
+        assert node["pods"] and all(p["netns"] and p["ipv4"] for p in node["pods"])
+        st = node["status"]
+        assert st["ok"] and st["backend"] == "userspace"
+        assert st["expected"]["peers_expected"] == 2 and st["expected"]["missing"] == []
+        assert len(st["peers"]) == 2 and {p["node"] for p in st["peers"]} == {
+            n["name"] for n in doc["nodes"] if n["name"] != node["name"]}
+
+
+def test_exec_runs_inside_pods_and_nodes(lab: LabCLI) -> None:
+    doc = json.loads(lab("status", "--json").stdout)
+    target = doc["nodes"][1]["pods"][0]["ipv4"]
+    res = lab("exec", "node1-pod1", "--", "ping", "-c", "1", "-W", "2", target)
+    assert res.returncode == 0, res.stdout + res.stderr
+    res = lab("exec", "node2", "--", "ip", "-br", "addr", "show", "eth0")
+    assert doc["nodes"][1]["ipv4"] in res.stdout
+    bad = lab("exec", "no-such-pod", "--", "true")
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1
+
+
+def test_check_passes_and_proves_its_detector(lab: LabCLI) -> None:
+    res = lab("check")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "PASS" in res.stdout
+    assert "encryption on: 0 plaintext pod packets" in res.stdout
+    assert "after re-attaching: 0 plaintext pod packets" in res.stdout
+
+
+def test_down_removes_everything_and_is_repeatable(lab: LabCLI) -> None:
+    status = json.loads(lab("status", "--json").stdout)
+    pids = [n["agent"]["pid"] for n in status["nodes"]]
+    res = lab("down")
+    assert res.returncode == 0, res.stderr
+    assert topology.namespaces(lab.prefix) == []
+    assert not lab.root.exists()
+    assert not (LAB_PIN_ROOT / lab.prefix).exists()
+    for pid in pids:
+        stat = Path(f"/proc/{pid}/stat")
+        assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    again = lab("down")
+    assert again.returncode == 0 and "nothing to remove" in again.stdout
+    gone = lab("status")
+    assert gone.returncode == 1 and "lab up" in gone.stderr
