@@ -25,14 +25,18 @@ import threading
 import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 from wgmanager.core.mesh import LocalNodeError
 from wgmanager.core.model import NodeSpec
 from wgmanager.errors import WgmError
+from wgmanager.keystore import KeyStore
 from wgmanager.kube.client import Backoff, KubeError, NodesAPI
+from wgmanager.kube.events import EventRecorder
 from wgmanager.kube.watch import Deleted, NodeWatcher, Synced, Upserted, WatchEvent
-from wgmanager.node import NodeReconciler
+from wgmanager.metrics import AgentMetrics, LiveSources
+from wgmanager.node import NodeReconciler, ReconcileResult
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +58,9 @@ class HealthSettings:
 class Agent:
     def __init__(self, *, reconciler: NodeReconciler, nodes_api: NodesAPI,
                  timing: AgentTiming = AgentTiming(),
-                 health: HealthSettings | None = HealthSettings()) -> None:
+                 health: HealthSettings | None = HealthSettings(),
+                 metrics: AgentMetrics | None = None,
+                 events: EventRecorder | None = None) -> None:
         self.reconciler = reconciler
         self.nodes_api = nodes_api
         self.timing = timing
@@ -71,6 +77,20 @@ class Agent:
         self.last_error = ""
         self.reconciles = 0
         self._http: ThreadingHTTPServer | None = None
+        self._pending_since: float | None = None  # first event not yet reconciled
+        self.metrics = metrics
+        self.events = events
+        self._reported: dict[str, str] = {}  # rejected node -> reason already reported
+        if metrics is not None:
+            settings = reconciler.settings
+            metrics.attach(LiveSources(
+                device=reconciler.backend.read,
+                pin_dir=lambda: settings.datapath.pin_dir,
+                mesh=lambda: reconciler.mesh,
+                key_mtime=lambda: _mtime(KeyStore(settings.state_dir).path),
+                watch=lambda: self.watcher.health,
+                backend=reconciler.backend.kind.value,
+                interface=settings.wireguard.ifname))
 
     # -- events -----------------------------------------------------------------------
 
@@ -85,6 +105,8 @@ class Agent:
                 self._nodes[event.node.name] = event.node
             elif isinstance(event, Deleted) and self._nodes.pop(event.name, None) is None:
                 return
+            if self._pending_since is None:
+                self._pending_since = time.monotonic()
         self._dirty.set()
 
     def snapshot(self) -> tuple[bool, list[NodeSpec]]:
@@ -130,14 +152,25 @@ class Agent:
                 due = fired or now >= next_resync or not self._device_ok()
                 if not due:
                     continue
+                with self._lock:
+                    pending, self._pending_since = self._pending_since, None
                 try:
-                    self.reconciler.reconcile(nodes)
+                    result = self.reconciler.reconcile(nodes)
                     self.last_reconcile_ok, self.last_error = True, ""
                     self.reconciles += 1
                     backoff.reset()
                     next_resync = time.monotonic() + self.timing.resync_interval
+                    self._record(result, pending)
+                    self._report_rejections(result)
                 except (WgmError, LocalNodeError) as e:
+                    with self._lock:  # the events are still unreconciled
+                        if pending is not None and self._pending_since is None:
+                            self._pending_since = pending
+                    if self.metrics is not None:
+                        self.metrics.reconcile_errors.inc()
                     self.last_reconcile_ok, self.last_error = False, str(e)
+                    if self.events is not None:
+                        self.events.warning("ReconcileFailed", str(e), subject=type(e).__name__)
                     delay = backoff.next_delay()
                     log.error("reconcile failed", extra={"error": str(e),
                                                          "retry_in_s": round(delay, 2)})
@@ -147,6 +180,29 @@ class Agent:
                 self._http.shutdown()
             self.reconciler.close()
             log.info("agent stopped; device, filters and maps stay in place")
+
+    def _record(self, result: ReconcileResult, pending: float | None) -> None:
+        m = self.metrics
+        if m is None:
+            return
+        m.reconciles.inc()
+        m.reconcile_duration.observe(result.seconds)
+        if pending is not None:
+            m.event_latency.observe(time.monotonic() - pending)
+        for op in result.peer_ops:
+            m.peer_ops.labels(type(op).__name__.removesuffix("Peer").lower()).inc()
+        m.map_ops.labels("upsert").inc(len(result.map_plan.upserts))
+        m.map_ops.labels("delete").inc(len(result.map_plan.deletes))
+
+    def _report_rejections(self, result: ReconcileResult) -> None:
+        """One Warning per node and reason (rate-limited further by the recorder)."""
+        current = {r.name: r.reason for r in result.mesh.rejected.values() if not r.pending}
+        if self.events is not None:
+            for name, reason in current.items():
+                if self._reported.get(name) != reason:
+                    self.events.warning("PeerRejected", f"node {name} gets no WireGuard peer: "
+                                        f"{reason}", subject=name)
+        self._reported = current
 
     def _device_ok(self) -> bool:
         try:
@@ -168,6 +224,9 @@ class Agent:
                                                             "error": str(e)})
             return delay
         log.info("public key published", extra={"node": self.node_name, "public_key": key})
+        if self.events is not None:
+            self.events.normal("PublicKeyPublished", f"WireGuard public key {key} published",
+                               subject=key)
         return 1.0  # the watch echoes it back; don't re-send before it had a chance
 
     # -- health -----------------------------------------------------------------------
@@ -209,3 +268,10 @@ class Agent:
                            f" {e.strerror}; choose another --health-port") from e
         self._http.daemon_threads = True
         threading.Thread(target=self._http.serve_forever, name="health", daemon=True).start()
+
+
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return None

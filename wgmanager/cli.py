@@ -50,6 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--health-address", default="0.0.0.0")
     g.add_argument("--health-port", type=int, default=9876,
                    help="serves /healthz and /readyz (0: disabled)")
+    g.add_argument("--metrics-address", default="0.0.0.0")
+    g.add_argument("--metrics-port", type=int, default=9877,
+                   help="serves Prometheus /metrics (0: disabled)")
+    g.add_argument("--metrics-per-peer", action="store_true",
+                   help="per-peer byte and handshake series (one series per node: mind "
+                        "the cardinality on large clusters)")
+    g.add_argument("--no-events", dest="events", action="store_false",
+                   help="do not record Kubernetes Events on this node's Node object")
     g.add_argument("--resync-interval", type=float, default=60.0,
                    help="seconds between full reconciles without events")
     g.add_argument("--debounce", type=float, default=0.1,
@@ -178,6 +186,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
     from wgmanager.agent import Agent, AgentTiming, HealthSettings
     from wgmanager.core.model import MeshConfig
     from wgmanager.kube.client import NodesAPI, load_api
+    from wgmanager.kube.events import EventRecorder
+    from wgmanager.metrics import AgentMetrics
     from wgmanager.node import NodeReconciler
     from wgmanager.wireguard.select import select_backend
 
@@ -192,14 +202,25 @@ def cmd_agent(args: argparse.Namespace) -> int:
     mesh_config = MeshConfig(listen_port=port, persistent_keepalive=args.persistent_keepalive,
                              cluster_cidrs=parse_cidrs(args.cluster_cidrs, "--cluster-cidrs"))
     settings = settings_from(args, args.node_name, port)
-    nodes_api = NodesAPI(load_api(args.kubeconfig))
+    api_client = load_api(args.kubeconfig)
+    nodes_api = NodesAPI(api_client)
+    metrics = AgentMetrics(per_peer=args.metrics_per_peer) if args.metrics_port else None
     agent = Agent(
         reconciler=NodeReconciler(settings, select_backend(settings.wireguard), mesh_config),
         nodes_api=nodes_api,
         timing=AgentTiming(debounce=args.debounce, resync_interval=args.resync_interval),
         health=(HealthSettings(args.health_address, args.health_port)
                 if args.health_port else None),
+        metrics=metrics,
+        events=EventRecorder(api_client, args.node_name) if args.events else None,
     )
+    if metrics is not None:
+        try:
+            metrics.serve(args.metrics_address, args.metrics_port)
+        except OSError as e:
+            raise ConfigError(f"cannot serve metrics on {args.metrics_address}:"
+                              f"{args.metrics_port}: {e.strerror}; choose another "
+                              "--metrics-port") from e
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: agent.stop())
     signal.signal(signal.SIGHUP, lambda *_: agent.poke())

@@ -59,6 +59,11 @@ class NodeReconciler:
         self._attached: set[tuple[str, Hook]] = set()
 
     @property
+    def mesh(self) -> Mesh | None:
+        """The mesh of the last successful reconcile."""
+        return self._previous
+
+    @property
     def private_key(self) -> PrivateKey:
         if self._key is None:
             self._key = KeyStore(self.settings.state_dir).load_or_create().key

@@ -11,13 +11,6 @@ from wgmanager.errors import EnvironmentProblem
 from wgmanager.lab.controlplane import apiserver_binary, cleanup_stale, require_binary
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    here = Path(__file__).parent
-    for item in items:
-        if Path(item.fspath).is_relative_to(here):
-            item.add_marker(pytest.mark.integration)
-
-
 @pytest.fixture(scope="session", autouse=True)
 def control_plane_binaries() -> None:
     try:

@@ -19,13 +19,6 @@ from tests.integration.harness import Cluster, cleanup_prefix, remove_stale_runs
 from wgmanager.lab import topology
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    here = Path(__file__).parent
-    for item in items:
-        if Path(item.fspath).is_relative_to(here):
-            item.add_marker(pytest.mark.integration)
-
-
 @pytest.fixture(scope="session", autouse=True)
 def prerequisites() -> None:
     problems = []

@@ -56,6 +56,7 @@ class WatchHealth:
     failures: int = 0
     last_error: str = ""
     synced: bool = False
+    healthy: bool = False  # listed or watching without error since the last failure
     events: int = field(default=0)
 
 
@@ -78,6 +79,7 @@ class NodeWatcher:
             except Gone:
                 log.info("watch expired, relisting nodes")
             except KubeError as e:
+                self.health.healthy = False
                 self.health.failures += 1
                 self.health.last_error = str(e)
                 delay = self.backoff.next_delay()
@@ -100,6 +102,7 @@ class NodeWatcher:
                 break
         self.health.lists += 1
         self.health.synced = True
+        self.health.healthy = True
         self.backoff.reset()
         sink(Synced(tuple(nodes), rv))
         log.info("nodes listed", extra={"nodes": len(nodes), "resource_version": rv})

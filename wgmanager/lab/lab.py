@@ -43,7 +43,8 @@ DEFAULT_PREFIX = "wgl"
 CLUSTER_CIDRS = ("10.244.0.0/16", "fd00:244::/32")
 AGENT_USER = "wgmanager-agent"
 AGENT_RULES = [{"apiGroups": [""], "resources": ["nodes"],
-                "verbs": ["get", "list", "watch", "patch"]}]
+                "verbs": ["get", "list", "watch", "patch"]},
+               {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]}]
 LISTEN_PORT = 51820
 HEALTH_PORT = 9876
 Progress = Callable[[str], None]

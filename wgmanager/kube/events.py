@@ -1,0 +1,88 @@
+"""Kubernetes Events on the agent's own Node, for what an operator must act on.
+
+Like kubelet's node events they live in the `default` namespace with the Node as the
+involved object, so `kubectl describe node NAME` shows them. Two rules keep them cheap and
+harmless: an event for the same (reason, subject) is sent at most once per ``min_interval``
+(a bad annotation seen on every resync is one event, not hundreds), and sending happens on a
+worker thread behind a bounded queue, so an unreachable API server never slows the
+reconcile loop (events that do not fit are dropped and counted).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from kubernetes import client as k8s
+
+log = logging.getLogger(__name__)
+COMPONENT = "wgmanager-agent"
+
+
+class EventRecorder:
+    def __init__(self, api: k8s.ApiClient, node_name: str, *, min_interval: float = 600.0,
+                 queue_size: int = 100, clock: Callable[[], float] = time.monotonic) -> None:
+        self.core: Any = k8s.CoreV1Api(api)
+        self.node_name = node_name
+        self.min_interval = min_interval
+        self.clock = clock
+        self.dropped = 0
+        self.sent = 0
+        self._last: dict[tuple[str, str], float] = {}
+        self._queue: queue.Queue[dict[str, Any]] = queue.Queue(maxsize=queue_size)
+        self._uid: str | None = None
+        threading.Thread(target=self._worker, name="events", daemon=True).start()
+
+    def warning(self, reason: str, message: str, *, subject: str = "") -> bool:
+        return self._emit("Warning", reason, message, subject)
+
+    def normal(self, reason: str, message: str, *, subject: str = "") -> bool:
+        return self._emit("Normal", reason, message, subject)
+
+    def _emit(self, kind: str, reason: str, message: str, subject: str) -> bool:
+        """Queues the event unless rate-limited; returns True if queued."""
+        now = self.clock()
+        last = self._last.get((reason, subject))
+        if last is not None and now - last < self.min_interval:
+            return False
+        self._last[(reason, subject)] = now
+        stamp = datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+        body = {
+            "metadata": {"generateName": f"{self.node_name}.", "namespace": "default"},
+            "involvedObject": {"kind": "Node", "name": self.node_name, "apiVersion": "v1"},
+            "type": kind, "reason": reason, "message": message[:1024],
+            "source": {"component": COMPONENT, "host": self.node_name},
+            "reportingComponent": COMPONENT, "reportingInstance": self.node_name,
+            "firstTimestamp": stamp, "lastTimestamp": stamp, "count": 1,
+        }
+        try:
+            self._queue.put_nowait(body)
+        except queue.Full:
+            self.dropped += 1
+            return False
+        return True
+
+    def _worker(self) -> None:
+        while True:
+            body = self._queue.get()
+            try:
+                if self._uid is None:
+                    node = self.core.read_node(self.node_name, _request_timeout=10)
+                    self._uid = node.metadata.uid
+                body["involvedObject"]["uid"] = self._uid
+                self.core.create_namespaced_event("default", body, _request_timeout=10)
+                self.sent += 1
+            except Exception as e:  # the API may be down; an event is never worth a crash
+                self.dropped += 1
+                log.info("event not sent", extra={"reason": body["reason"], "error": str(e)})
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """Waits until queued events were handed to the API (tests, shutdown)."""
+        deadline = time.monotonic() + timeout
+        while not self._queue.empty() and time.monotonic() < deadline:
+            time.sleep(0.05)

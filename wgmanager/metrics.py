@@ -1,0 +1,183 @@
+"""Prometheus metrics of the agent: what an operator needs to see that every peer is up.
+
+One registry per agent (no process-global state). Values that live elsewhere, such as
+WireGuard byte counters, handshake times and the eBPF counters, are read live at scrape time
+by a custom collector, so they are the kernel's and wireguard-go's own numbers, not copies.
+Events in the agent itself (reconciles, their errors and durations, event-to-configured
+latency, watch health) are ordinary counters and histograms.
+
+Label cardinality is bounded: per-peer series (one per remote node) only with
+``per_peer=True`` (`--metrics-per-peer`), everything else is cluster-size independent.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from wgmanager import __version__
+from wgmanager.core.mesh import Mesh
+from wgmanager.core.model import DeviceState
+from wgmanager.datapath.maps import Counter as DpCounter
+from wgmanager.datapath.maps import PinnedMaps
+from wgmanager.errors import WgmError
+from wgmanager.kube.watch import WatchHealth
+
+log = logging.getLogger(__name__)
+RECENT_HANDSHAKE = 180.0  # WireGuard rekeys every 120 s on an active session
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+@dataclass
+class LiveSources:
+    """Where the collector reads live state; each callable may raise WgmError."""
+
+    device: Callable[[], DeviceState]
+    pin_dir: Callable[[], object]  # a Path; typed loosely to keep this module light
+    mesh: Callable[[], Mesh | None]
+    key_mtime: Callable[[], float | None]
+    watch: Callable[[], WatchHealth]
+    backend: str
+    interface: str
+
+
+class AgentMetrics:
+    def __init__(self, *, per_peer: bool = False) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.per_peer = per_peer
+        r = self.registry
+        self.reconciles = Counter("wgmanager_reconciles", "Reconcile passes", registry=r)
+        self.reconcile_errors = Counter("wgmanager_reconcile_errors",
+                                        "Reconcile passes that failed", registry=r)
+        self.reconcile_duration = Histogram("wgmanager_reconcile_duration_seconds",
+                                            "Duration of one reconcile pass", registry=r,
+                                            buckets=LATENCY_BUCKETS)
+        self.event_latency = Histogram(
+            "wgmanager_node_event_to_configured_seconds",
+            "From a Node event reaching the agent to the device and datapath reflecting it",
+            registry=r, buckets=LATENCY_BUCKETS)
+        self.peer_ops = Counter("wgmanager_peer_operations", "WireGuard peer operations "
+                                "applied", ["op"], registry=r)
+        self.map_ops = Counter("wgmanager_datapath_map_operations",
+                               "eBPF CIDR map entries written or deleted", ["op"], registry=r)
+        self.key_rotations = Counter("wgmanager_key_rotations", "Key rotations completed",
+                                     registry=r)
+
+    def attach(self, sources: LiveSources) -> None:
+        self.registry.register(_LiveCollector(sources, self.per_peer))
+
+    def serve(self, address: str, port: int) -> None:
+        start_http_server(port, addr=address, registry=self.registry)
+
+
+class _LiveCollector(Collector):
+    def __init__(self, src: LiveSources, per_peer: bool) -> None:
+        self.src = src
+        self.per_peer = per_peer
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        now = time.time()
+        info = GaugeMetricFamily("wgmanager_info", "Agent build and device",
+                                 labels=["version", "backend", "interface"])
+        info.add_metric([__version__, self.src.backend, self.src.interface], 1)
+        yield info
+        watch = self.src.watch()
+        yield GaugeMetricFamily("wgmanager_kube_watch_up", "1 while the Node list/watch runs "
+                                "without error", value=1 if watch.healthy else 0)
+        yield CounterMetricFamily("wgmanager_kube_lists", "Complete Node lists",
+                                  value=watch.lists)
+        yield CounterMetricFamily("wgmanager_kube_watch_events", "Node watch events",
+                                  value=watch.events)
+        yield CounterMetricFamily("wgmanager_kube_watch_failures",
+                                  "Node list/watch failures (each followed by a backoff)",
+                                  value=watch.failures)
+        mtime = self.src.key_mtime()
+        if mtime is not None:
+            yield GaugeMetricFamily("wgmanager_key_age_seconds",
+                                    "Age of the node's private key", value=now - mtime)
+        yield from self._device(now)
+        yield from self._datapath()
+
+    def _device(self, now: float) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        mesh = self.src.mesh()
+        try:
+            device = self.src.device()
+        except WgmError as e:
+            log.debug("metrics: device unreadable", extra={"error": str(e)})
+            device = None
+        device_up = GaugeMetricFamily("wgmanager_device_up", "1 while the WireGuard device "
+                                      "answers")
+        device_up.add_metric([], 0 if device is None else 1)
+        yield device_up
+        peers = dict(device.peers) if device else {}
+        names = {n.public_key: n.name for n in mesh.nodes.values()} if mesh else {}
+        if mesh is not None:
+            yield GaugeMetricFamily("wgmanager_peers_expected", "Peers the mesh wants",
+                                    value=len(mesh.peers))
+            configured = sum(1 for k, p in mesh.peers.items()
+                             if k in peers and peers[k].config() == p)
+            yield GaugeMetricFamily("wgmanager_peers_configured",
+                                    "Expected peers the device holds as wanted",
+                                    value=configured)
+            rejected = GaugeMetricFamily("wgmanager_nodes_rejected", "Nodes with no peer",
+                                         labels=["kind"])
+            rej = list(mesh.rejected.values())
+            rejected.add_metric(["pending"], sum(r.pending for r in rej))
+            rejected.add_metric(["invalid"], sum(not r.pending for r in rej))
+            yield rejected
+        ages = [now - p.last_handshake for p in peers.values() if p.last_handshake]
+        yield GaugeMetricFamily("wgmanager_peers_recent_handshake",
+                                f"Peers with a handshake in the last {RECENT_HANDSHAKE:.0f}s",
+                                value=sum(a < RECENT_HANDSHAKE for a in ages))
+        yield GaugeMetricFamily("wgmanager_peer_handshake_age_max_seconds",
+                                "Oldest last handshake among peers that ever had one",
+                                value=max(ages) if ages else 0)
+        rx = CounterMetricFamily("wgmanager_wireguard_receive_bytes",
+                                 "Bytes received from all peers", value=sum(
+                                     p.rx_bytes for p in peers.values()))
+        tx = CounterMetricFamily("wgmanager_wireguard_transmit_bytes",
+                                 "Bytes sent to all peers", value=sum(
+                                     p.tx_bytes for p in peers.values()))
+        yield rx
+        yield tx
+        if not self.per_peer:
+            return
+        hs = GaugeMetricFamily("wgmanager_peer_last_handshake_timestamp_seconds",
+                               "Last handshake per peer", labels=["peer_node"])
+        prx = CounterMetricFamily("wgmanager_peer_receive_bytes", "Bytes from the peer",
+                                  labels=["peer_node"])
+        ptx = CounterMetricFamily("wgmanager_peer_transmit_bytes", "Bytes to the peer",
+                                  labels=["peer_node"])
+        for key, p in peers.items():
+            name = names.get(key, key.short())
+            hs.add_metric([name], p.last_handshake or 0)
+            prx.add_metric([name], p.rx_bytes)
+            ptx.add_metric([name], p.tx_bytes)
+        yield hs
+        yield prx
+        yield ptx
+
+    def _datapath(self) -> Iterator[CounterMetricFamily]:
+        packets = CounterMetricFamily("wgmanager_datapath_packets",
+                                      "Packets seen by the eBPF program, by verdict",
+                                      labels=["verdict"])
+        bytes_ = CounterMetricFamily("wgmanager_datapath_bytes",
+                                     "Bytes seen by the eBPF program, by verdict",
+                                     labels=["verdict"])
+        try:
+            with PinnedMaps(self.src.pin_dir()) as maps:  # type: ignore[arg-type]
+                counters = maps.read_counters()
+        except WgmError:
+            return
+        for c in DpCounter:
+            p, b = counters[c]
+            packets.add_metric([c.name.lower()], p)
+            bytes_.add_metric([c.name.lower()], b)
+        yield packets
+        yield bytes_
