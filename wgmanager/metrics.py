@@ -66,8 +66,6 @@ class AgentMetrics:
                                 "applied", ["op"], registry=r)
         self.map_ops = Counter("wgmanager_datapath_map_operations",
                                "eBPF CIDR map entries written or deleted", ["op"], registry=r)
-        self.key_rotations = Counter("wgmanager_key_rotations", "Key rotations completed",
-                                     registry=r)
 
     def attach(self, sources: LiveSources) -> None:
         self.registry.register(_LiveCollector(sources, self.per_peer))

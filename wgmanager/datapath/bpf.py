@@ -23,6 +23,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from wgmanager.errors import DatapathError
+from wgmanager.kernel_errors import explain_kernel_error
 
 log = logging.getLogger(__name__)
 
@@ -189,24 +190,12 @@ def _compile(pin_dir: Path, max_cidrs: int) -> Any:
 
 
 def _explain_compile_error(message: str, stderr: str) -> str:
-    if "Unable to find kernel headers" in stderr:
-        return ("cannot compile the eBPF program: bcc found no kernel headers; install "
-                "linux-headers and link /lib/modules/$(uname -r)/build to them")
-    if "Operation not permitted" in message or "Operation not permitted" in stderr:
-        return ("cannot create BPF maps: operation not permitted; run as root or grant "
-                "CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN (for bpffs pinning)")
-    first = next((ln for ln in stderr.splitlines() if "error:" in ln), message)
-    return f"cannot compile the eBPF program: {first.strip()}"
+    # bcc's exception says only "Failed to compile"; the cause is in its (captured) stderr.
+    return explain_kernel_error(f"{message}\n{stderr}", context="bpf-compile")
 
 
 def _explain_load_error(message: str) -> str:
-    if "Permission denied" in message or "Operation not permitted" in message:
-        return ("the kernel refused to load the eBPF program (verifier rejection or missing "
-                "CAP_BPF/CAP_NET_ADMIN); run `wgmanager doctor` for the cause")
-    if "Invalid argument" in message:
-        return ("the kernel rejected the eBPF program as invalid (kernel too old for a helper "
-                "it uses?); wgmanager needs Linux >= 5.10 with BPF and clsact")
-    return f"cannot load the eBPF program: {message}"
+    return explain_kernel_error(message, context="bpf-load")
 
 
 @contextlib.contextmanager
