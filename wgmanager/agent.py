@@ -41,6 +41,9 @@ from wgmanager.node import NodeReconciler, ReconcileResult
 log = logging.getLogger(__name__)
 
 
+LIVENESS_TIMEOUT = 120.0  # seconds without a main-loop tick before /healthz fails
+
+
 @dataclass(frozen=True, slots=True)
 class AgentTiming:
     debounce: float = 0.1  # seconds to gather a burst of events into one reconcile
@@ -233,7 +236,9 @@ class Agent:
 
     def health(self) -> dict[str, Any]:
         synced, nodes = self.snapshot()
-        alive = time.monotonic() - self.heartbeat < max(30.0, 5 * self.timing.debounce + 10)
+        # Generous: a first reconcile of thousands of peers takes seconds, and a liveness
+        # failure restarts the agent mid-sync (which would then never finish).
+        alive = time.monotonic() - self.heartbeat < LIVENESS_TIMEOUT
         return {"alive": alive, "synced": synced, "ready": synced and self.last_reconcile_ok,
                 "nodes": len(nodes), "reconciles": self.reconciles,
                 "last_error": self.last_error, "watch_failures": self.watcher.health.failures}
