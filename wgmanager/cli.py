@@ -72,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="compare with the Nodes in this cluster (default: $KUBECONFIG)")
     _node_flags(st)
 
+    d = sub.add_parser("doctor", help="preflight: can this node run wgmanager, and if not, "
+                                      "what to fix")
+    from wgmanager import doctor
+
+    doctor.add_arguments(d)
+
     lab = sub.add_parser("lab", help="a multi-node encrypted cluster on this machine")
     lab.add_argument("--root", type=Path, default=Path("/run/wgmanager-lab"),
                      help="where the lab keeps its state (default %(default)s)")
@@ -271,6 +277,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from wgmanager import doctor
+
+    return doctor.run(args)
+
+
 def cmd_lab(args: argparse.Namespace) -> int:
     from wgmanager.lab import cli as lab_cli
 
@@ -288,7 +300,8 @@ def cmd_teardown(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"pubkey": cmd_pubkey, "apply": cmd_apply, "agent": cmd_agent,
-            "status": cmd_status, "lab": cmd_lab, "teardown": cmd_teardown}
+            "status": cmd_status, "doctor": cmd_doctor, "lab": cmd_lab,
+            "teardown": cmd_teardown}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
