@@ -21,7 +21,6 @@
 #include <uapi/linux/ip.h>
 #include <uapi/linux/ipv6.h>
 #include <uapi/linux/pkt_cls.h>
-#include <uapi/linux/udp.h>
 
 #ifndef WGM_PIN_DIR
 #error "WGM_PIN_DIR must be defined (a bpffs directory)"
@@ -54,7 +53,7 @@ struct cidr_value {
 
 struct wgm_config {
     u32 wg_ifindex; /* 0 = no device yet: redirects become drops */
-    u32 wg_port;    /* our own WireGuard UDP port, never steered (no loops) */
+    u32 wg_port;    /* informational (status); the program never exempts by port */
     u32 wg_mtu;     /* for the oversize counter */
     u32 pad;
 };
@@ -73,8 +72,6 @@ BPF_TABLE_PINNED("percpu_array", u32, struct counter, counters, CNT_MAX,
 struct flow {
     struct cidr_key src;
     struct cidr_key dst;
-    u8 proto;
-    u16 sport; /* host order; 0 unless UDP */
 };
 
 static __always_inline void count(u32 slot, struct __sk_buff *skb)
@@ -86,13 +83,14 @@ static __always_inline void count(u32 slot, struct __sk_buff *skb)
     }
 }
 
-/* Fills flow from an Ethernet frame; returns 0 for IPv4/IPv6, -1 for anything else. */
+/* Fills flow from an Ethernet frame; returns 0 for IPv4/IPv6, -1 for anything else.
+ * Only addresses are read: no verdict depends on ports, so IPv4 options, fragments and
+ * IPv6 extension headers cannot steer a packet around the program. */
 static __always_inline int parse(struct __sk_buff *skb, struct flow *f)
 {
     void *data = (void *)(long)skb->data;
     void *data_end = (void *)(long)skb->data_end;
     struct ethhdr *eth = data;
-    void *l4;
 
     if ((void *)(eth + 1) > data_end)
         return -1;
@@ -108,8 +106,6 @@ static __always_inline int parse(struct __sk_buff *skb, struct flow *f)
         f->dst.addr[11] = 0xff;
         __builtin_memcpy(&f->src.addr[12], &ip->saddr, 4);
         __builtin_memcpy(&f->dst.addr[12], &ip->daddr, 4);
-        f->proto = ip->protocol;
-        l4 = (void *)ip + ip->ihl * 4;
     } else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
         struct ipv6hdr *ip6 = (void *)(eth + 1);
         if ((void *)(ip6 + 1) > data_end)
@@ -118,15 +114,8 @@ static __always_inline int parse(struct __sk_buff *skb, struct flow *f)
         f->dst.prefixlen = 128;
         __builtin_memcpy(f->src.addr, &ip6->saddr, 16);
         __builtin_memcpy(f->dst.addr, &ip6->daddr, 16);
-        f->proto = ip6->nexthdr;
-        l4 = (void *)(ip6 + 1);
     } else {
         return -1;
-    }
-    if (f->proto == IPPROTO_UDP) {
-        struct udphdr *udp = l4;
-        if ((void *)(udp + 1) <= data_end)
-            f->sport = bpf_ntohs(udp->source);
     }
     return 0;
 }
@@ -174,21 +163,17 @@ int to_underlay(struct __sk_buff *skb)
 {
     struct flow f = {};
     struct cidr_value *src, *dst;
-    u32 zero = 0;
-    struct wgm_config *cfg;
 
     if (parse(skb, &f) < 0)
         goto pass;
     dst = cidrs.lookup(&f.dst);
     if (!dst || dst->action == ACTION_LOCAL)
         goto pass;
-    /* Only traffic from local pod addresses is pod-to-pod; host traffic is not ours. */
+    /* Only traffic from local pod addresses is pod-to-pod; host traffic (including our own
+     * encrypted WireGuard packets, sent from the node's address) is not ours. */
     src = cidrs.lookup(&f.src);
     if (!src || src->action != ACTION_LOCAL)
         goto pass;
-    cfg = config.lookup(&zero);
-    if (cfg && f.proto == IPPROTO_UDP && f.sport == cfg->wg_port)
-        goto pass; /* our own encrypted packets */
     return steer(skb, dst);
 pass:
     count(CNT_PASSED, skb);

@@ -32,8 +32,9 @@ from wgmanager.core.mesh import LocalNodeError
 from wgmanager.core.model import NodeSpec
 from wgmanager.errors import WgmError
 from wgmanager.keystore import KeyStore
-from wgmanager.kube.client import Backoff, KubeError, NodesAPI
+from wgmanager.kube.client import Backoff, NodesAPI
 from wgmanager.kube.events import EventRecorder
+from wgmanager.kube.translate import node_spec
 from wgmanager.kube.watch import Deleted, NodeWatcher, Synced, Upserted, WatchEvent
 from wgmanager.metrics import AgentMetrics, LiveSources
 from wgmanager.node import NodeReconciler, ReconcileResult
@@ -81,6 +82,7 @@ class Agent:
         self.reconciles = 0
         self._http: ThreadingHTTPServer | None = None
         self._pending_since: float | None = None  # first event not yet reconciled
+        self._watch_thread: threading.Thread | None = None
         self.metrics = metrics
         self.events = events
         self._reported: dict[str, str] = {}  # rejected node -> reason already reported
@@ -130,10 +132,14 @@ class Agent:
         key = self.reconciler.private_key.public_key.base64()
         log.info("agent starting", extra={"node": self.node_name, "public_key": key,
                                           "backend": self.reconciler.backend.kind.value})
-        threading.Thread(target=self.watcher.run, args=(self.on_event, self._stop),
-                         name="node-watch", daemon=True).start()
+        self._watch_thread = threading.Thread(target=self.watcher.run,
+                                              args=(self.on_event, self._stop),
+                                              name="node-watch", daemon=True)
+        self._watch_thread.start()
         if self.health_settings is not None:
             self._serve_health(self.health_settings)
+        if not self.reconciler.datapath_exists():
+            self._bootstrap()
         backoff = Backoff(initial=0.5, maximum=10.0)
         next_resync = time.monotonic() + self.timing.resync_interval
         next_publish = 0.0
@@ -165,7 +171,10 @@ class Agent:
                     next_resync = time.monotonic() + self.timing.resync_interval
                     self._record(result, pending)
                     self._report_rejections(result)
-                except (WgmError, LocalNodeError) as e:
+                except Exception as e:
+                    if not isinstance(e, (WgmError, LocalNodeError)):
+                        log.exception("unexpected error in reconcile (a bug: please report)")
+                        e = WgmError(f"{type(e).__name__}: {e}")
                     with self._lock:  # the events are still unreconciled
                         if pending is not None and self._pending_since is None:
                             self._pending_since = pending
@@ -197,6 +206,28 @@ class Agent:
         m.map_ops.labels("upsert").inc(len(result.map_plan.upserts))
         m.map_ops.labels("delete").inc(len(result.map_plan.deletes))
 
+    def _bootstrap(self) -> None:
+        """First start on this node: close the datapath before any peer is known.
+
+        Our own Node gives our pod CIDRs; a mesh of just this node makes them LOCAL and the
+        cluster CIDRs DROP, with the programs attached. Pod traffic to other nodes is then
+        dropped, never sent in plaintext, until the full node list fills in the peers. (On a
+        restart the pinned maps still hold the last good state, so nothing is needed.)
+        """
+        backoff = Backoff(initial=0.5, maximum=10.0)
+        while not self._stop.is_set() and not self.snapshot()[0]:
+            try:
+                me = node_spec(self.nodes_api.get(self.node_name))
+                self.reconciler.reconcile([me])
+            except Exception as e:
+                delay = backoff.next_delay()
+                log.warning("cannot close the datapath yet", extra={
+                    "error": str(e), "retry_in_s": round(delay, 2)})
+                self._stop.wait(delay)
+                continue
+            log.info("datapath closed: pod traffic to other nodes drops until peers are known")
+            return
+
     def _report_rejections(self, result: ReconcileResult) -> None:
         """One Warning per node and reason (rate-limited further by the recorder)."""
         current = {r.name: r.reason for r in result.mesh.rejected.values() if not r.pending}
@@ -210,7 +241,7 @@ class Agent:
     def _device_ok(self) -> bool:
         try:
             return self.reconciler.backend.device_exists()
-        except WgmError:
+        except Exception:
             return False
 
     def _needs_publish(self, nodes: list[NodeSpec], key: str) -> bool:
@@ -221,7 +252,7 @@ class Agent:
         """Publishes our key; returns seconds until the next attempt is allowed."""
         try:
             self.nodes_api.publish_key(self.node_name, key)
-        except KubeError as e:
+        except Exception as e:
             delay = backoff.next_delay()
             log.warning("cannot publish public key", extra={"node": self.node_name,
                                                             "error": str(e)})
@@ -239,7 +270,9 @@ class Agent:
         # Generous: a first reconcile of thousands of peers takes seconds, and a liveness
         # failure restarts the agent mid-sync (which would then never finish).
         alive = time.monotonic() - self.heartbeat < LIVENESS_TIMEOUT
-        return {"alive": alive, "synced": synced, "ready": synced and self.last_reconcile_ok,
+        watching = self._watch_thread is not None and self._watch_thread.is_alive()
+        return {"alive": alive and watching, "synced": synced,
+                "ready": synced and self.last_reconcile_ok and watching,
                 "nodes": len(nodes), "reconciles": self.reconciles,
                 "last_error": self.last_error, "watch_failures": self.watcher.health.failures}
 

@@ -59,4 +59,8 @@ def setup_logging(*, level: str = "info", json_format: bool = False) -> None:
     handler.setFormatter(JsonFormatter() if json_format else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+    # --log-level applies to wgmanager's own loggers only. Libraries stay at WARNING: at
+    # DEBUG pyroute2 dumps whole netlink messages, which for a kernel WireGuard device
+    # include the private key.
+    root.setLevel(logging.WARNING)
+    logging.getLogger("wgmanager").setLevel(level.upper())

@@ -30,7 +30,7 @@ from wgmanager.core.plan import MapPlan, PeerOp, plan_map, plan_peers
 from wgmanager.datapath import links
 from wgmanager.datapath.bpf import Hook, Program, attachments, detach
 from wgmanager.datapath.maps import DeviceConfig, PinnedMaps
-from wgmanager.errors import ConfigError
+from wgmanager.errors import ConfigError, DatapathError
 from wgmanager.keystore import KeyStore
 from wgmanager.wireguard.backend import DeviceSettings, WireGuardBackend
 
@@ -57,6 +57,10 @@ class NodeReconciler:
         self._program: Program | None = None
         self._previous: Mesh | None = None
         self._attached: set[tuple[str, Hook]] = set()
+
+    def datapath_exists(self) -> bool:
+        """Whether this node's maps are pinned (any earlier start loaded the datapath)."""
+        return (self.settings.datapath.pin_dir / "cidrs").exists()
 
     @property
     def mesh(self) -> Mesh | None:
@@ -99,7 +103,7 @@ class NodeReconciler:
                 raise ConfigError(f"uplink {self.settings.datapath.uplink!r} not found")
             mtu = wg.mtu or wireguard_mtu(uplink.mtu, local_addr.version)
             wg_link = links.ensure_up(ipr, wg.ifname, mtu=mtu)
-            self._ensure_sysctls(wg.ifname)
+            self._ensure_sysctls(wg.ifname, mesh)
             ipv4 = next((a for a in mesh.local.addresses if a.version == 4), None)
             if ipv4 is not None:
                 # The kernel's reverse-path check fails on a device with no IPv4 address, which
@@ -118,9 +122,18 @@ class NodeReconciler:
                 # Once per process we swap our freshly loaded program in (a restart); after
                 # that only where the kernel shows it missing (a veth recreated by the CNI).
                 live = any(a.hook is hook for a in attachments(ipr, name))
-                if (name, hook) not in self._attached or not live:
+                if (name, hook) in self._attached and live:
+                    continue
+                try:
                     program.attach(ipr, name, hook)
-                    self._attached.add((name, hook))
+                except DatapathError as e:
+                    if hook is Hook.TO_UNDERLAY or links.get_link(ipr, name) is not None:
+                        raise
+                    # A pod veth deleted between listing and attaching: its pod is gone.
+                    log.info("pod interface vanished", extra={"ifname": name,
+                                                               "error": str(e)})
+                    continue
+                self._attached.add((name, hook))
 
             # 4. Peers, then REDIRECT only for what the device really holds.
             ops = plan_peers(mesh.peers, self.backend.read().peers)
@@ -141,13 +154,16 @@ class NodeReconciler:
                                       "rejected": len(mesh.rejected)})
         return result
 
-    def _ensure_sysctls(self, ifname: str) -> None:
+    def _ensure_sysctls(self, ifname: str, mesh: Mesh) -> None:
         # Pods' traffic is forwarded by the node; decrypted packets arrive on the WireGuard
         # device while the route back to their source may point elsewhere (the CNI's route),
         # so strict reverse-path filtering would drop them: loose mode on our device only.
         links.ensure_sysctl("net/ipv4/ip_forward", "1")
-        links.ensure_sysctl("net/ipv6/conf/all/forwarding", "1")
         links.ensure_sysctl(f"net/ipv4/conf/{ifname}/rp_filter", "2")
+        if any(c.version == 6 for c in mesh.local.pod_cidrs):
+            # Only when pods have IPv6: with forwarding on, the kernel ignores router
+            # advertisements on interfaces with accept_ra=1 (a SLAAC default route vanishes).
+            links.ensure_sysctl("net/ipv6/conf/all/forwarding", "1")
 
     def close(self) -> None:
         if self._program is not None:

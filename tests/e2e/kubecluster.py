@@ -22,12 +22,14 @@ from wgmanager.lab.lab import Lab, await_condition
 from wgmanager.lab.topology import Pod, SimNode
 from wgmanager.wireguard.userspace import UserspaceBackend
 
-__all__ = ["KubeCluster", "await_condition"]
+__all__ = ["GET_ONLY_USER", "KubeCluster", "await_condition"]
+GET_ONLY_USER = "wgmanager-get-only"  # may read its own Node but not list them
 
 
 class KubeCluster:
     def __init__(self, prefix: str) -> None:
-        self.lab = Lab(RUN_ROOT / prefix, prefix=prefix, pin_root=PIN_ROOT)
+        self.lab = Lab(RUN_ROOT / prefix, prefix=prefix, pin_root=PIN_ROOT,
+                       extra_users=(GET_ONLY_USER,))
 
     @property
     def topo(self) -> Any:

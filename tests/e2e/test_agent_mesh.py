@@ -18,8 +18,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from kubernetes import client as k8s
 
-from tests.e2e.kubecluster import KubeCluster, await_condition
+from tests.e2e.kubecluster import GET_ONLY_USER, KubeCluster, await_condition
 from tests.integration.harness import cleanup_prefix
 from wgmanager.core.keys import PrivateKey, PublicKey
 from wgmanager.lab import topology
@@ -327,3 +328,46 @@ def test_rejected_peers_become_kubernetes_events(kc: KubeCluster) -> None:
         await_condition(found, 30, "a PeerRejected event on node1", interval=0.5)
     finally:
         kc.delete_node("evented")
+
+
+def test_a_first_start_fails_closed_before_the_node_list_arrives(kc: KubeCluster) -> None:
+    """An agent that may GET its Node but not LIST Nodes never syncs: it must still close
+    the datapath (its pods' traffic to other nodes drops, no plaintext) from its own Node."""
+    node4, node1 = kc.topo.nodes[3], kc.topo.nodes[0]
+    src, dst = node4.pods[0], node1.pods[0]
+    rbac = k8s.RbacAuthorizationV1Api(kc.lab.api)
+    rbac.create_cluster_role({"metadata": {"name": "get-only"}, "rules": [
+        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "patch"]}]})
+    rbac.create_cluster_role_binding({
+        "metadata": {"name": "get-only"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                    "name": "get-only"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User",
+                      "name": GET_ONLY_USER}]})
+    # A fresh node: earlier tests left node4's datapath in place (as a stopped agent does).
+    subprocess.run(["nsenter", f"--net=/run/netns/{node4.netns}", sys.executable, "-m",
+                    "wgmanager", "teardown", *kc.lab.node_args(node4)], check=True,
+                   capture_output=True)
+    kc.register_node(node4)
+    try:
+        # Sanity: without node4's agent its requests cross in plaintext (the CNI's routes)
+        # and the capture sees them; node1 already fails closed, so no reply comes back.
+        with kc.capture("e2e-before-agent") as before:
+            kc.ping(src, dst.ipv4, count=2, interval=0.05, wait=1)
+        assert before.plaintext_pod_packets() >= 2
+        kc.lab.start_agent(node4, kubeconfig=kc.lab.user_kubeconfig(GET_ONLY_USER))
+
+        def closed() -> bool:
+            out = subprocess.run(["ip", "netns", "exec", node4.netns, "tc", "filter", "show",
+                                  "dev", src.host_ifname, "ingress"],
+                                 capture_output=True, text=True, check=False).stdout
+            return "from_pod" in out
+        await_condition(closed, 60, "node4's datapath to close", interval=0.2)
+        with kc.capture("e2e-closed") as cap:
+            assert kc.ping(src, dst.ipv4, count=3, interval=0.05, wait=1)[1] == 0
+            assert kc.ping(src, dst.ipv6, count=3, interval=0.05, wait=1)[1] == 0
+        assert cap.plaintext_pod_packets() == 0
+        assert not (kc.readyz(node4) or {}).get("ready")  # never synced: not ready
+    finally:
+        kc.kill_agent(node4, signal.SIGKILL)
+        kc.delete_node(node4.name)

@@ -109,10 +109,23 @@ def test_to_underlay_guard_verdicts(prog: Loaded, src: str, dst: str, expected: 
 
 
 def test_to_underlay_never_steers_our_own_wireguard_packets(prog: Loaded) -> None:
-    own = frame("10.244.1.11", "10.244.2.7", sport=WG_PORT, dport=WG_PORT)
-    other = frame("10.244.1.11", "10.244.2.7", sport=WG_PORT + 1, dport=WG_PORT)
+    """Our encrypted packets leave from the node's address, which is not a local pod."""
+    own = frame("10.99.0.1", "10.244.2.7", sport=WG_PORT, dport=WG_PORT)
     assert prog.verdict(Hook.TO_UNDERLAY, own) == TC_ACT_OK
-    assert prog.verdict(Hook.TO_UNDERLAY, other) == TC_ACT_REDIRECT
+
+
+def test_pod_udp_from_the_wireguard_port_is_still_steered(prog: Loaded) -> None:
+    """No port exemption: a pod using port 51820 itself must not escape in plaintext."""
+    pod = frame("10.244.1.11", "10.244.2.7", sport=WG_PORT, dport=WG_PORT)
+    assert prog.verdict(Hook.TO_UNDERLAY, pod) == TC_ACT_REDIRECT
+    assert prog.verdict(Hook.FROM_POD, pod) == TC_ACT_REDIRECT
+
+
+def test_ipv4_fragments_and_options_are_judged_by_address_alone(prog: Loaded) -> None:
+    pkt = bytearray(frame("10.244.1.11", "10.244.3.7"))
+    pkt[14 + 6:14 + 8] = (0x2000 | 100).to_bytes(2, "big")  # MF set, offset 800: a fragment
+    assert prog.verdict(Hook.FROM_POD, bytes(pkt)) == TC_ACT_SHOT  # not-ready peer: dropped
+    assert prog.verdict(Hook.TO_UNDERLAY, bytes(pkt)) == TC_ACT_SHOT
 
 
 def test_redirect_without_a_device_drops(prog: Loaded) -> None:

@@ -197,4 +197,13 @@ def test_setup_logging_replaces_handlers() -> None:
     setup_logging(level="debug")
     setup_logging(level="info")
     assert len(logging.getLogger().handlers) == 1
-    assert logging.getLogger().level == logging.INFO
+    assert logging.getLogger("wgmanager").level == logging.INFO
+    assert logging.getLogger().level == logging.WARNING
+
+
+def test_debug_level_never_enables_library_debug_output() -> None:
+    """pyroute2 logs whole netlink messages at DEBUG (a kernel device's private key too)."""
+    setup_logging(level="debug")
+    assert logging.getLogger("wgmanager.node").isEnabledFor(logging.DEBUG)
+    assert not logging.getLogger("pyroute2.netlink.core").isEnabledFor(logging.DEBUG)
+    assert not logging.getLogger("urllib3").isEnabledFor(logging.DEBUG)

@@ -14,11 +14,9 @@ from __future__ import annotations
 import json
 import logging
 import random
-import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
@@ -29,7 +27,6 @@ from wgmanager.errors import ConfigError, WgmError
 from wgmanager.kube.translate import key_patch
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 class KubeError(WgmError):
@@ -117,9 +114,9 @@ class NodesAPI:
             kwargs["_continue"] = cont
         try:
             resp = self.core.list_node(**kwargs)
-        except (ApiException, HTTPError, OSError) as e:
+            return json.loads(resp.data)  # type: ignore[no-any-return]
+        except (ApiException, HTTPError, OSError, ValueError) as e:
             raise classify(e, "listing nodes") from e
-        return json.loads(resp.data)  # type: ignore[no-any-return]
 
     def watch(self, *, resource_version: str, timeout_seconds: int) -> Any:
         """A streaming response of watch events (one JSON object per line)."""
@@ -135,35 +132,16 @@ class NodesAPI:
         try:
             resp = self.core.read_node(name, _preload_content=False,
                                        _request_timeout=self.request_timeout)
-        except (ApiException, HTTPError, OSError) as e:
+            return json.loads(resp.data)  # type: ignore[no-any-return]
+        except (ApiException, HTTPError, OSError, ValueError) as e:
             raise classify(e, f"reading node {name}") from e
-        return json.loads(resp.data)  # type: ignore[no-any-return]
 
     def publish_key(self, name: str, public_key: str) -> None:
         try:
-            self.core.patch_node(name, key_patch(public_key),
-                                 _request_timeout=self.request_timeout)
+            # Raw response: the patched Node is not needed, and deserialising it into the
+            # client's models could fail on fields this client version does not know.
+            resp = self.core.patch_node(name, key_patch(public_key), _preload_content=False,
+                                        _request_timeout=self.request_timeout)
+            resp.release_conn()
         except (ApiException, HTTPError, OSError) as e:
             raise classify(e, f"annotating node {name}") from e
-
-
-def retry(call: Callable[[], T], *, what: str, stop: threading.Event,
-          backoff: Backoff | None = None, attempts: int | None = None) -> T:
-    """Retries transient failures with backoff; Forbidden/NotFound/Gone surface at once."""
-    b = backoff or Backoff()
-    n = 0
-    while True:
-        try:
-            result = call()
-        except Transient as e:
-            n += 1
-            if (attempts is not None and n >= attempts) or stop.is_set():
-                raise
-            delay = b.next_delay()
-            log.warning("API call failed, retrying", extra={"call": what, "error": str(e),
-                                                            "retry_in_s": round(delay, 2)})
-            if stop.wait(delay):
-                raise
-            continue
-        b.reset()
-        return result

@@ -25,6 +25,7 @@ from wgmanager.kube.client import Backoff, Forbidden, Gone, KubeError, NodesAPI
 from wgmanager.kube.translate import node_spec
 
 log = logging.getLogger(__name__)
+MIN_WATCH_SECONDS = 1.0  # a watch that ends sooner is followed by a backoff
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,22 +71,29 @@ class NodeWatcher:
         self.health = WatchHealth()
 
     def run(self, sink: Callable[[WatchEvent], None], stop: threading.Event) -> None:
+        """Runs until ``stop``; no exception ends it (the agent's cache must never freeze)."""
         while not stop.is_set():
             try:
                 rv = self._list(sink)
                 while not stop.is_set():
+                    started = time.monotonic()
                     rv = self._watch(rv, sink, stop)
                     self.health.watch_restarts += 1
+                    if time.monotonic() - started < MIN_WATCH_SECONDS:
+                        # A server or proxy closing watches at once must not make us spin.
+                        stop.wait(self.backoff.next_delay())
             except Gone:
                 log.info("watch expired, relisting nodes")
-            except KubeError as e:
+                stop.wait(self.backoff.next_delay())
+            except Exception as e:
                 self.health.healthy = False
                 self.health.failures += 1
                 self.health.last_error = str(e)
                 delay = self.backoff.next_delay()
                 level = logging.ERROR if isinstance(e, Forbidden) else logging.WARNING
-                log.log(level, "node watch failed", extra={"error": str(e),
-                                                           "retry_in_s": round(delay, 2)})
+                log.log(level, "node watch failed", extra={
+                    "error": str(e) if isinstance(e, KubeError) else f"{type(e).__name__}: {e}",
+                    "retry_in_s": round(delay, 2)})
                 stop.wait(delay)
 
     def _list(self, sink: Callable[[WatchEvent], None]) -> str:

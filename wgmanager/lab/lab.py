@@ -85,7 +85,10 @@ class CheckReport:
 
 class Lab:
     def __init__(self, root: Path = DEFAULT_ROOT, *, prefix: str = DEFAULT_PREFIX,
-                 pin_root: Path = DEFAULT_PIN_ROOT) -> None:
+                 pin_root: Path = DEFAULT_PIN_ROOT, extra_users: tuple[str, ...] = ()) -> None:
+        """``extra_users`` get a token and a kubeconfig (``user_kubeconfig``) but no RBAC:
+        tests grant them what they need."""
+        self.extra_users = extra_users
         self.root = root
         self.prefix = prefix
         self.pin_root = pin_root / prefix
@@ -110,6 +113,9 @@ class Lab:
     @property
     def agent_kubeconfig(self) -> Path:
         return self.root / "agent.kubeconfig"
+
+    def user_kubeconfig(self, user: str) -> Path:
+        return self.root / f"{user}.kubeconfig"
 
     def node_dir(self, node: SimNode) -> Path:
         return self.root / node.name
@@ -173,8 +179,11 @@ class Lab:
         self.cp = controlplane.ControlPlane(self.cp_dir, bind_address=self.topo.host_address,
                                             secure_port=6443)
         token = self.cp.add_token(AGENT_USER)
+        extra = {user: self.cp.add_token(user) for user in self.extra_users}
         self.cp.start()
         self.cp.write_kubeconfig(self.agent_kubeconfig, token)
+        for user, user_token in extra.items():
+            self.cp.write_kubeconfig(self.user_kubeconfig(user), user_token)
         rbac: Any = k8s.RbacAuthorizationV1Api(self.api)
         rbac.create_cluster_role({"metadata": {"name": "wgmanager-agent"},
                                   "rules": AGENT_RULES})
@@ -221,10 +230,11 @@ class Lab:
     def agent_log_file(self, node: SimNode) -> Path:
         return self.node_dir(node) / "agent.log"
 
-    def start_agent(self, node: SimNode) -> int:
+    def start_agent(self, node: SimNode, *, kubeconfig: Path | None = None) -> int:
         self.node_dir(node).mkdir(parents=True, exist_ok=True)
+        config = kubeconfig or self.agent_kubeconfig
         argv = ["nsenter", f"--net=/run/netns/{node.netns}", sys.executable, "-m", "wgmanager",
-                "agent", "--node-name", node.name, "--kubeconfig", str(self.agent_kubeconfig),
+                "agent", "--node-name", node.name, "--kubeconfig", str(config),
                 "--cluster-cidrs", ",".join(CLUSTER_CIDRS), "--listen-port", str(LISTEN_PORT),
                 "--health-port", str(HEALTH_PORT), *self.node_args(node)]
         with open(self.agent_log_file(node), "ab") as log:
