@@ -30,6 +30,7 @@ from typing import Any
 
 from wgmanager.core.mesh import LocalNodeError
 from wgmanager.core.model import NodeSpec
+from wgmanager.datapath.linkwatch import watch_new_links
 from wgmanager.errors import WgmError
 from wgmanager.keystore import KeyStore
 from wgmanager.kube.client import Backoff, NodesAPI
@@ -136,6 +137,10 @@ class Agent:
                                               args=(self.on_event, self._stop),
                                               name="node-watch", daemon=True)
         self._watch_thread.start()
+        threading.Thread(target=watch_new_links,
+                         args=(self.reconciler.settings.datapath.pod_interfaces,
+                               lambda _name: self.poke(), self._stop),
+                         name="link-watch", daemon=True).start()
         if self.health_settings is not None:
             self._serve_health(self.health_settings)
         if not self.reconciler.datapath_exists():

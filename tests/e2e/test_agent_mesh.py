@@ -243,17 +243,34 @@ def test_each_kind_of_node_change_touches_only_that_nodes_peer(kc: KubeCluster) 
         kc.delete_node("shifty")
 
 
-def test_a_pod_created_after_the_agent_is_encrypted_by_the_uplink_guard(
-        kc: KubeCluster) -> None:
-    """Its veth has no from_pod filter yet; the to_underlay guard must catch its traffic."""
+def test_pods_the_veth_hook_misses_are_encrypted_by_the_uplink_guard(kc: KubeCluster) -> None:
+    """A veth named outside --pod-interfaces never gets from_pod: the guard must catch it."""
     node1, node2 = kc.topo.nodes[0], kc.topo.nodes[1]
-    late = topology._create_pod(kc.topo.prefix, node1.netns, node1.index, 9, kc.topo.pod_mtu)
+    odd = topology._create_pod(kc.topo.prefix, node1.netns, node1.index, 8, kc.topo.pod_mtu,
+                               host_ifname="cni8")
     target = node2.pods[0]
-    with kc.capture("e2e-late-pod") as cap:
-        assert kc.reaches(late, target.ipv4)
-        assert kc.reaches(late, target.ipv6)
+    with kc.capture("e2e-guard") as cap:
+        assert kc.reaches(odd, target.ipv4)
+        assert kc.reaches(odd, target.ipv6)
     assert cap.plaintext_pod_packets() == 0
     assert cap.wireguard_packets() > 0
+
+
+def test_a_new_pod_veth_gets_the_fast_path_at_once(kc: KubeCluster) -> None:
+    """The agent sees the new veth on netlink and attaches without waiting for a resync."""
+    node1, node2 = kc.topo.nodes[0], kc.topo.nodes[1]
+    late = topology._create_pod(kc.topo.prefix, node1.netns, node1.index, 9, kc.topo.pod_mtu)
+
+    def attached() -> bool:
+        out = subprocess.run(["ip", "netns", "exec", node1.netns, "tc", "filter", "show",
+                              "dev", late.host_ifname, "ingress"],
+                             capture_output=True, text=True, check=False).stdout
+        return "from_pod" in out
+    waited = await_condition(attached, 10, "the new veth's from_pod filter", interval=0.05)
+    assert waited < 10  # the resync interval is 60 s: only the link watch explains this
+    with kc.capture("e2e-late-pod") as cap:
+        assert kc.reaches(late, node2.pods[0].ipv4)
+    assert cap.plaintext_pod_packets() == 0
 
 
 def test_losing_the_device_or_the_whole_agent_never_leaks(kc: KubeCluster) -> None:

@@ -154,9 +154,10 @@ def _create_node(prefix: str, ul: str, i: int, pods_per_node: int, pod_mtu: int,
                    tuple(pods))
 
 
-def _create_pod(prefix: str, node_ns: str, i: int, j: int, mtu: int) -> Pod:
+def _create_pod(prefix: str, node_ns: str, i: int, j: int, mtu: int,
+                host_ifname: str | None = None) -> Pod:
     ns = f"{prefix}-n{i}p{j}"
-    host_if = f"veth{j}"
+    host_if = host_ifname or f"veth{j}"
     ipv4, ipv6 = f"10.244.{i}.{10 + j}", f"fd00:244:{i}::{10 + j:x}"
     run(["ip", "netns", "add", ns])
     sysctl(ns, {"net.ipv6.conf.all.accept_dad": "0", "net.ipv6.conf.default.accept_dad": "0"})

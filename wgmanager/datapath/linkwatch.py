@@ -1,0 +1,41 @@
+"""Netlink link events: new pod veths get the eBPF fast path at once, not at the next resync.
+
+Until a new veth is attached, the uplink guard already redirects (or drops) its pods'
+traffic to other nodes; this watcher shortens that window to milliseconds.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import threading
+from collections.abc import Callable
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.rtnl import RTMGRP_LINK
+
+log = logging.getLogger(__name__)
+
+
+def watch_new_links(pattern: str, on_new: Callable[[str], None],
+                    stop: threading.Event) -> None:
+    """Calls ``on_new(ifname)`` for every new veth whose name matches ``pattern``.
+
+    Runs until ``stop`` is set (checked between netlink batches) or netlink fails; a failure
+    is logged and the agent falls back to its periodic resync.
+    """
+    try:
+        with IPRoute() as ipr:
+            ipr.bind(groups=RTMGRP_LINK)
+            while not stop.is_set():
+                for msg in ipr.get():
+                    if msg.get("event") != "RTM_NEWLINK":
+                        continue
+                    name = msg.get_attr("IFLA_IFNAME") or ""
+                    info = msg.get_attr("IFLA_LINKINFO")
+                    kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
+                    if kind == "veth" and fnmatch.fnmatchcase(name, pattern):
+                        on_new(name)
+    except Exception as e:
+        log.warning("link watch stopped; new pod interfaces wait for the next resync",
+                    extra={"error": f"{type(e).__name__}: {e}"})
