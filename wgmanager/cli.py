@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -208,6 +209,11 @@ def cmd_agent(args: argparse.Namespace) -> int:
     mesh_config = MeshConfig(listen_port=port, persistent_keepalive=args.persistent_keepalive,
                              cluster_cidrs=parse_cidrs(args.cluster_cidrs, "--cluster-cidrs"))
     settings = settings_from(args, args.node_name, port)
+    if not mesh_config.cluster_cidrs:
+        logging.getLogger("wgmanager.agent").warning(
+            "no --cluster-cidrs: traffic to a pod CIDR no node claims (a deleted node's, a new "
+            "node's before its key) follows the CNI's route in plaintext; set the cluster's "
+            "pod CIDRs")
     api_client = load_api(args.kubeconfig)
     nodes_api = NodesAPI(api_client)
     metrics = AgentMetrics(per_peer=args.metrics_per_peer) if args.metrics_port else None

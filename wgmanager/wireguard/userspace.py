@@ -109,7 +109,7 @@ class UserspaceBackend:
         if not self.spawn:
             raise BackendUnavailable(
                 f"no wireguard-go socket at {self.socket_path}; start the wireguard-go "
-                "sidecar or let wgmanager spawn it (--userspace-spawn)")
+                "sidecar, or let wgmanager spawn it (drop --no-spawn-userspace)")
         self._start_process()
         return True
 
