@@ -30,6 +30,7 @@ from typing import Any
 
 from wgmanager.core.mesh import LocalNodeError
 from wgmanager.core.model import NodeSpec
+from wgmanager.datapath import links
 from wgmanager.datapath.linkwatch import watch_new_links
 from wgmanager.errors import WgmError
 from wgmanager.keystore import KeyStore
@@ -244,9 +245,12 @@ class Agent:
         self._reported = current
 
     def _device_ok(self) -> bool:
+        """Cheap, every device check interval: the link exists (a dead wireguard-go takes its
+        TUN link with it within milliseconds). A full device dump would cost O(peers)."""
         try:
-            return self.reconciler.backend.device_exists()
-        except Exception:
+            with links.iproute() as ipr:
+                return links.get_link(ipr, self.reconciler.settings.wireguard.ifname) is not None
+        except Exception:  # any failure to look means "reconcile"
             return False
 
     def _needs_publish(self, nodes: list[NodeSpec], key: str) -> bool:

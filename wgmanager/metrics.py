@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector
 from wgmanager import __version__
 from wgmanager.core.mesh import Mesh
 from wgmanager.core.model import DeviceState
+from wgmanager.core.plan import configured
 from wgmanager.datapath.maps import Counter as DpCounter
 from wgmanager.datapath.maps import PinnedMaps
 from wgmanager.errors import WgmError
@@ -118,11 +119,10 @@ class _LiveCollector(Collector):
         if mesh is not None:
             yield GaugeMetricFamily("wgmanager_peers_expected", "Peers the mesh wants",
                                     value=len(mesh.peers))
-            configured = sum(1 for k, p in mesh.peers.items()
-                             if k in peers and peers[k].config() == p)
+            held = sum(configured(p, peers.get(k)) for k, p in mesh.peers.items())
             yield GaugeMetricFamily("wgmanager_peers_configured",
-                                    "Expected peers the device holds as wanted",
-                                    value=configured)
+                                    "Expected peers the device holds with their allowed IPs",
+                                    value=held)
             rejected = GaugeMetricFamily("wgmanager_nodes_rejected", "Nodes with no peer",
                                          labels=["kind"])
             rej = list(mesh.rejected.values())
@@ -136,12 +136,14 @@ class _LiveCollector(Collector):
         yield GaugeMetricFamily("wgmanager_peer_handshake_age_max_seconds",
                                 "Oldest last handshake among peers that ever had one",
                                 value=max(ages) if ages else 0)
-        rx = CounterMetricFamily("wgmanager_wireguard_receive_bytes",
-                                 "Bytes received from all peers", value=sum(
-                                     p.rx_bytes for p in peers.values()))
-        tx = CounterMetricFamily("wgmanager_wireguard_transmit_bytes",
-                                 "Bytes sent to all peers", value=sum(
-                                     p.tx_bytes for p in peers.values()))
+        # Gauges, not counters: a sum over the current peers drops when a peer goes away,
+        # which a counter would report as a reset.
+        rx = GaugeMetricFamily("wgmanager_wireguard_peers_receive_bytes",
+                               "Bytes received from the current peers",
+                               value=sum(p.rx_bytes for p in peers.values()))
+        tx = GaugeMetricFamily("wgmanager_wireguard_peers_transmit_bytes",
+                               "Bytes sent to the current peers",
+                               value=sum(p.tx_bytes for p in peers.values()))
         yield rx
         yield tx
         if not self.per_peer:

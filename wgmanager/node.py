@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from wgmanager.config import NodeSettings, wireguard_mtu
-from wgmanager.core.keys import PrivateKey
+from wgmanager.core.keys import PrivateKey, PublicKey
 from wgmanager.core.mesh import Mesh, compute_mesh, datapath_map
-from wgmanager.core.model import DeviceState, MeshConfig, NodeSpec
-from wgmanager.core.plan import MapPlan, PeerOp, plan_map, plan_peers
+from wgmanager.core.model import DeviceState, Endpoint, MeshConfig, NodeSpec
+from wgmanager.core.plan import MapPlan, PeerOp, adopt_roamed_endpoints, plan_map, plan_peers
 from wgmanager.datapath import links
 from wgmanager.datapath.bpf import Hook, Program, attachments, detach
 from wgmanager.datapath.maps import DeviceConfig, PinnedMaps
@@ -57,6 +57,7 @@ class NodeReconciler:
         self._program: Program | None = None
         self._previous: Mesh | None = None
         self._attached: set[tuple[str, Hook]] = set()
+        self._written_endpoints: dict[PublicKey, Endpoint] = {}
 
     def datapath_exists(self) -> bool:
         """Whether this node's maps are pinned (any earlier start loaded the datapath)."""
@@ -136,8 +137,12 @@ class NodeReconciler:
                 self._attached.add((name, hook))
 
             # 4. Peers, then REDIRECT only for what the device really holds.
-            ops = plan_peers(mesh.peers, self.backend.read().peers)
+            actual = adopt_roamed_endpoints(mesh.peers, self.backend.read().peers,
+                                            self._written_endpoints)
+            ops = plan_peers(mesh.peers, actual)
             self.backend.apply(ops)
+            self._written_endpoints = {k: p.endpoint for k, p in mesh.peers.items()
+                                       if p.endpoint is not None}
             device = self.backend.read()
             map_plan = plan_map(datapath_map(mesh, device, self.mesh_config), maps.read_cidrs())
             maps.apply(map_plan)

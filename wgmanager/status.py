@@ -16,6 +16,7 @@ from wgmanager.config import NodeSettings
 from wgmanager.core.keys import PublicKey
 from wgmanager.core.mesh import LocalNodeError, compute_mesh
 from wgmanager.core.model import DeviceState, MeshConfig, NodeSpec, network_sort_key
+from wgmanager.core.plan import configured
 from wgmanager.datapath import links
 from wgmanager.datapath.bpf import attachments
 from wgmanager.datapath.maps import PinnedMaps
@@ -104,8 +105,8 @@ def _expected(settings: NodeSettings, device: DeviceState, nodes: list[NodeSpec]
                  "missing": [], "unexpected": [], "rejected": [], "error": str(e)}, {})
     names = {n.public_key: n.name for n in mesh.nodes.values()}
     missing = sorted(n.name for n in mesh.nodes.values()
-                     if (st := device.peers.get(n.public_key)) is None
-                     or st.config() != mesh.peers[n.public_key])
+                     if not configured(mesh.peers[n.public_key],
+                                       device.peers.get(n.public_key)))
     unexpected = sorted(k.base64() for k in device.peers if k not in mesh.peers)
     rejected = [{"node": r.name, "reason": r.reason, "pending": r.pending}
                 for r in sorted(mesh.rejected.values(), key=lambda r: r.name)]

@@ -325,7 +325,7 @@ def test_metrics_scraped_from_a_running_agent(kc: KubeCluster) -> None:
     assert one("wgmanager_kube_watch_up") == 1
     assert one("wgmanager_reconciles_total") >= 1
     assert one("wgmanager_datapath_packets_total", verdict="redirected") > 0
-    assert one("wgmanager_wireguard_transmit_bytes_total") > 0
+    assert one("wgmanager_wireguard_peers_transmit_bytes") > 0
     assert one("wgmanager_key_age_seconds") > 0
     assert one("wgmanager_node_event_to_configured_seconds_count") >= 1
     assert one("wgmanager_info", backend="userspace", interface="wgm0") == 1

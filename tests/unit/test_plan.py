@@ -509,3 +509,27 @@ class TestPlanMap:
         assert all(midway[c] is a for c, a in desired.items())
         assert list(plan.upserts) == sorted(plan.upserts, key=network_sort_key)
         assert list(plan.deletes) == sorted(plan.deletes, key=network_sort_key)
+
+
+def test_a_roamed_endpoint_is_not_rewritten_on_every_resync() -> None:
+    import ipaddress
+
+    from wgmanager.core.keys import PrivateKey
+    from wgmanager.core.model import Endpoint, PeerConfig, PeerState
+    from wgmanager.core.plan import adopt_roamed_endpoints, configured, plan_peers
+
+    key = PrivateKey.generate().public_key
+    nets = frozenset({ipaddress.ip_network("10.1.0.0/24")})
+    want = Endpoint(ipaddress.ip_address("10.0.0.1"), 51820)
+    roamed = Endpoint(ipaddress.ip_address("10.0.1.1"), 51820)  # the node's second NIC
+    desired = {key: PeerConfig(key, want, nets)}
+    actual = {key: PeerState(key, roamed, nets)}
+    # Never written by us (e.g. after a restart): write it once.
+    assert plan_peers(desired, adopt_roamed_endpoints(desired, actual, {})) != []
+    # Written, then roamed: leave it alone.
+    assert plan_peers(desired, adopt_roamed_endpoints(desired, actual, {key: want})) == []
+    # The desired endpoint itself changed since we wrote it: write the new one.
+    moved = {key: PeerConfig(key, Endpoint(ipaddress.ip_address("10.0.0.9"), 51820), nets)}
+    assert plan_peers(moved, adopt_roamed_endpoints(moved, actual, {key: want})) != []
+    assert configured(desired[key], actual[key])
+    assert not configured(desired[key], PeerState(key, want, frozenset()))

@@ -14,7 +14,7 @@ left matching nothing (which would let it out unencrypted) while its entry is re
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from wgmanager.core.keys import PublicKey
 from wgmanager.core.model import (
@@ -53,6 +53,31 @@ class RemovePeer:
 
 
 PeerOp = AddPeer | UpdatePeer | RemovePeer
+
+
+def adopt_roamed_endpoints(desired: Mapping[PublicKey, PeerConfig],
+                           actual: Mapping[PublicKey, PeerState],
+                           written: Mapping[PublicKey, Endpoint]) -> dict[PublicKey, PeerState]:
+    """``actual`` with roamed endpoints treated as the desired ones.
+
+    WireGuard moves a peer's endpoint to wherever its authenticated packets come from (a
+    second NIC, SNAT on the underlay). When we already wrote the endpoint we still want,
+    the difference is roaming, not drift: rewriting it on every resync would fight it.
+    """
+    out = dict(actual)
+    for key, want in desired.items():
+        have = actual.get(key)
+        if (have is not None and want.endpoint is not None and have.endpoint != want.endpoint
+                and written.get(key) == want.endpoint):
+            out[key] = replace(have, endpoint=want.endpoint)
+    return out
+
+
+def configured(want: PeerConfig, have: PeerState | None) -> bool:
+    """Whether a device peer carries what routing needs: the peer exists with exactly the
+    wanted allowed IPs. (Endpoints roam and keepalive is tuning; neither changes where
+    traffic goes.)"""
+    return have is not None and have.allowed_ips == want.allowed_ips
 
 
 def plan_peers(desired: Mapping[PublicKey, PeerConfig],
@@ -142,5 +167,4 @@ def apply_peer_ops(actual: Mapping[PublicKey, PeerState],
 
 
 def _replace(st: PeerState, **changes: object) -> PeerState:
-    from dataclasses import replace
     return replace(st, **changes)  # type: ignore[arg-type]

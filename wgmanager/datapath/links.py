@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import ipaddress
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -124,10 +123,6 @@ def ensure_address(ipr: IPRoute, ifname: str, address: IPAddress) -> bool:
     return True
 
 
-def read_sysctl(name: str) -> str:
-    return (Path("/proc/sys") / name).read_text().strip()
-
-
 def ensure_sysctl(name: str, value: str) -> bool:
     """Sets a per-namespace sysctl if it differs; returns True if written.
 
@@ -144,7 +139,3 @@ def ensure_sysctl(name: str, value: str) -> bool:
                           "write access to /proc/sys/net (hostNetwork, CAP_NET_ADMIN)") from e
     log.info("sysctl set", extra={"sysctl": name, "value": value})
     return True
-
-
-def parse_address(text: str) -> IPAddress:
-    return ipaddress.ip_address(text)

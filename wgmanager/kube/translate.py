@@ -48,5 +48,8 @@ def _timestamp(value: Any) -> float:
 
 
 def key_patch(public_key: str) -> dict[str, Any]:
-    """A merge patch that touches only wgmanager's annotation, nothing else on the Node."""
+    """A patch body touching only wgmanager's annotation, nothing else on the Node.
+
+    The client sends a dict body as a strategic merge patch; for annotations (a plain map)
+    that merges exactly like a JSON merge patch."""
     return {"metadata": {"annotations": {PUBLIC_KEY_ANNOTATION: public_key}}}
