@@ -6,7 +6,7 @@ import ipaddress
 from collections.abc import Mapping
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from wgmanager.core.keys import KEY_LEN, PublicKey
@@ -680,3 +680,29 @@ def test_link_local_or_zoned_internal_ips_are_never_endpoints() -> None:
     assert isinstance(only_ll, Rejected) and "InternalIP" in only_ll.reason
     mixed = parse_node(NodeSpec("n", ("fe80::1%eth0", "fd00::5"), ("10.1.0.0/24",), key))
     assert isinstance(mixed, Node) and [str(a) for a in mixed.addresses] == ["fd00::5"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 2**16 - 1), st.integers(8, 24)), max_size=40),
+       st.tuples(st.integers(0, 2**16 - 1), st.integers(8, 24)))
+def test_cidr_claims_index_agrees_with_brute_force(
+        claims_raw: list[tuple[int, int]], probe_raw: tuple[int, int]) -> None:
+    """The index finds an overlap exactly when a pairwise scan would."""
+    import ipaddress
+
+    from wgmanager.core.mesh import CidrClaims
+
+    def net(raw: tuple[int, int]) -> ipaddress.IPv4Network:
+        addr, plen = raw
+        return ipaddress.IPv4Network(((10 << 24) | (addr << 8), plen), strict=False)
+
+    claims = CidrClaims()
+    held: list[ipaddress.IPv4Network] = []
+    for raw in claims_raw:  # claim only non-overlapping ones, as compute_mesh does
+        c = net(raw)
+        if not any(c.overlaps(h) for h in held):
+            claims.add(c, "x")
+            held.append(c)
+    probe = net(probe_raw)
+    brute = any(probe.overlaps(h) for h in held)
+    assert (claims.overlapping(probe) is not None) == brute

@@ -9,6 +9,7 @@ wins. So a node that turns bad cannot take traffic away from nodes that were wor
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -118,10 +119,12 @@ def compute_mesh(
         return (not incumbent, spec.created, node.name)
 
     key_owner: dict[PublicKey, str] = {local.public_key: local.name}
-    cidr_owner: list[tuple[IPNetwork, str]] = [(c, local.name) for c in local.pod_cidrs]
+    claims = CidrClaims()
+    for c in local.pod_cidrs:
+        claims.add(c, local.name)
     accepted: dict[str, Node] = {}
     for node, _spec in sorted(candidates, key=priority):
-        reason = _conflict(node, key_owner, cidr_owner)
+        reason = _conflict(node, key_owner, claims)
         if reason is not None:
             rejected[node.name] = Rejected(node.name, reason, node.pod_cidrs)
             continue
@@ -133,7 +136,8 @@ def compute_mesh(
                 node.pod_cidrs)
             continue
         key_owner[node.public_key] = node.name
-        cidr_owner.extend((c, node.name) for c in node.pod_cidrs)
+        for c in node.pod_cidrs:
+            claims.add(c, node.name)
         accepted[node.name] = node
 
     peers = {
@@ -148,15 +152,51 @@ def compute_mesh(
     return Mesh(local=local, nodes=accepted, peers=peers, rejected=rejected)
 
 
+class CidrClaims:
+    """Which node claimed which CIDR, with overlap checks in O(prefix length + log n).
+
+    Claimed CIDRs never overlap one another (that is what claiming checks), so a new CIDR
+    overlaps a claim exactly when a claim is one of its supernets (found by masking, one
+    dict lookup per prefix length) or a claim starts inside its range (one bisect). A plain
+    scan made the mesh quadratic: 2 s per reconcile at 1,000 nodes.
+    """
+
+    def __init__(self) -> None:
+        self._owner: dict[tuple[int, int, int], tuple[IPNetwork, str]] = {}
+        self._starts: dict[int, list[int]] = {4: [], 6: []}
+        self._by_start: dict[tuple[int, int], tuple[IPNetwork, str]] = {}
+
+    def add(self, cidr: IPNetwork, owner: str) -> None:
+        start = int(cidr.network_address)
+        self._owner[(cidr.version, cidr.prefixlen, start)] = (cidr, owner)
+        bisect.insort(self._starts[cidr.version], start)
+        self._by_start[(cidr.version, start)] = (cidr, owner)
+
+    def overlapping(self, cidr: IPNetwork) -> tuple[IPNetwork, str] | None:
+        bits = cidr.max_prefixlen
+        start = int(cidr.network_address)
+        for plen in range(cidr.prefixlen, -1, -1):  # claims containing cidr (or equal)
+            mask = ((1 << plen) - 1) << (bits - plen) if plen else 0
+            hit = self._owner.get((cidr.version, plen, start & mask))
+            if hit is not None:
+                return hit
+        starts = self._starts[cidr.version]  # claims inside cidr
+        i = bisect.bisect_left(starts, start)
+        if i < len(starts) and starts[i] <= int(cidr.broadcast_address):
+            return self._by_start[(cidr.version, starts[i])]
+        return None
+
+
 def _conflict(node: Node, key_owner: Mapping[PublicKey, str],
-              cidr_owner: list[tuple[IPNetwork, str]]) -> str | None:
+              claims: CidrClaims) -> str | None:
     owner = key_owner.get(node.public_key)
     if owner is not None:
         return f"public key is already used by node {owner!r} (cloned key file?)"
     for cidr in node.pod_cidrs:
-        for other, other_owner in cidr_owner:
-            if cidr.version == other.version and cidr.overlaps(other):
-                return f"pod CIDR {cidr} overlaps {other} of node {other_owner!r}"
+        hit = claims.overlapping(cidr)
+        if hit is not None:
+            other, other_owner = hit
+            return f"pod CIDR {cidr} overlaps {other} of node {other_owner!r}"
     return None
 
 
