@@ -222,19 +222,18 @@ def datapath_map(mesh: Mesh, device: DeviceState, config: MeshConfig) -> dict[IP
             ready = actual is not None and cidr in actual.allowed_ips
             entries[cidr] = Action.REDIRECT if ready else Action.DROP
     owned = list(entries)
+    claims = CidrClaims()  # owned CIDRs never overlap each other: index them
+    for cidr in owned:
+        claims.add(cidr, "")
     for rej in mesh.rejected.values():
         for cidr in rej.pod_cidrs:
-            if not _overlaps_any(cidr, owned):
+            if claims.overlapping(cidr) is None:
                 entries.setdefault(cidr, Action.DROP)
     for cidr in config.cluster_cidrs:
         # A catch-all must never shadow a more specific local or remote entry it sits inside.
         if cidr not in entries and not any(_is_subnet(cidr, o) for o in owned):
             entries[cidr] = Action.DROP
     return dict(sorted(entries.items(), key=lambda kv: network_sort_key(kv[0])))
-
-
-def _overlaps_any(cidr: IPNetwork, others: Iterable[IPNetwork]) -> bool:
-    return any(cidr.version == o.version and cidr.overlaps(o) for o in others)
 
 
 def _is_subnet(inner: IPNetwork, outer: IPNetwork) -> bool:
