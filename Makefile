@@ -5,7 +5,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup lab lab-down test test-unit test-integration test-e2e lint
+.PHONY: setup lab lab-down test test-unit test-integration test-e2e lint bench bench-full
 
 setup:
 	bash scripts/setup.sh
@@ -36,3 +36,11 @@ lint: setup
 	$(VENV)/bin/ruff check wgmanager tests
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
+
+# Benchmarks quoted in docs/benchmarks.md: one table on stdout, bench/results.json on disk.
+# `bench` takes a few minutes on 2 cores; `bench-full` is longer (more samples, 5,000 nodes).
+bench: setup
+	$(PY) bench/run.py
+
+bench-full: setup
+	$(PY) bench/run.py --full

@@ -1,0 +1,559 @@
+#!/usr/bin/env python3
+"""Control-plane scale: one real agent against a real kube-apiserver holding N Node objects.
+
+Setup (``wgmanager.lab``): a one-node lab under /run/wgmanager-bench/<prefix> (network
+namespaces named ``<prefix>-...``, a host link on a free 10.9x.0.0/24, etcd +
+kube-apiserver bound to the host address, the agent's RBAC as ``Lab`` sets it up). Node
+``node1`` is registered as kubelet would and is the only node backed by a process: a real
+``wgmanager agent`` in its namespace, with real wireguard-go and the eBPF datapath. The
+other N nodes are synthetic Node objects created through the admin client by a few worker
+threads: a valid WireGuard public key (annotation), an IPv4 and an IPv6 InternalIP nobody
+answers on, and a /24 + /64 pod CIDR pair. Nothing sends traffic to them (no persistent
+keepalive, no pod traffic), so they cost the agent exactly their control-plane work.
+
+For each N (ascending; the lab and the API server are reused, N grows):
+
+- ``program_s``: the agent is started (fresh: the previous size's device, filters and maps
+  are torn down with `wgmanager teardown`); time until its WireGuard device holds all N
+  peers, read over the UAPI socket every 0.1 s (the same socket ``Lab.device`` uses).
+- key-change latency, ``idle``: one synthetic node at a time gets a new key (a merge patch
+  of its annotation); time from sending the patch to the new key appearing on the agent's
+  device (polled over UAPI with a pause of twice the poll's duration between polls, so
+  that polling takes at most a third of a core; the resolution is about 3x a poll, which
+  is reported as ``poll_ms``). Median and p99 over the changes. Per change, the deltas of
+  wgmanager_peer_operations_total and wgmanager_datapath_map_operations_total (scraped
+  from the agent's /metrics inside its namespace once its reconcile is recorded) must be
+  O(1): 1 add + 1 remove, whatever N is.
+- the same while a background thread patches the InternalIPs of other synthetic nodes at
+  50 per second (``busy``); the operations of the phase are split by kind (key changes are
+  add + remove, address changes are updates).
+- the agent's peak RSS (VmRSS of its pid, sampled every 0.25 s) and CPU seconds
+  (utime + stime from /proc/<pid>/stat) per phase, and its own
+  wgmanager_reconcile_duration_seconds and wgmanager_node_event_to_configured_seconds
+  (sum / count over the phase).
+
+    sudo .venv/bin/python bench/control_plane.py [--sizes 100,1000] [--changes 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ipaddress
+import json
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import benchlib
+from benchlib import Entry, entry, log
+
+from wgmanager.core.keys import PrivateKey, PublicKey
+from wgmanager.lab import lab as labmod
+from wgmanager.lab import topology
+from wgmanager.lab.lab import Lab, LabError
+from wgmanager.lab.topology import SimNode
+
+METRICS_PORT = 9877
+CLUSTER_CIDRS = ("10.244.0.0/16", "10.64.0.0/10", "fd00:244::/32")
+ANNOTATION = "wgmanager.io/public-key"
+WORKERS = 4
+MERGE = "application/merge-patch+json"
+
+
+def synth_name(i: int) -> str:
+    return f"synth-{i:05d}"
+
+
+def synth_node(i: int, key: str) -> dict[str, Any]:
+    """Node i: pod CIDRs 10.(64 + i/256).(i%256).0/24 and fd00:244:(0x1000+i)::/64."""
+    v4 = f"10.{64 + i // 256}.{i % 256}.0/24"
+    v6 = f"fd00:244:{0x1000 + i:x}::/64"
+    return {"metadata": {"name": synth_name(i), "annotations": {ANNOTATION: key}},
+            "spec": {"podCIDR": v4, "podCIDRs": [v4, v6]},
+            "status": {"addresses": addresses(i, 0)}}
+
+
+def addresses(i: int, generation: int) -> list[dict[str, str]]:
+    v4 = ipaddress.IPv4Address("100.64.0.0") + (generation % 2) * 65536 + i
+    return [{"type": "InternalIP", "address": str(v4)},
+            {"type": "InternalIP", "address": f"fd98::{generation % 2:x}:{i:x}"}]
+
+
+def new_key() -> PublicKey:
+    return PrivateKey.generate().public_key
+
+
+# -- the agent's device and metrics -------------------------------------------------------
+
+class UapiPoller:
+    """Raw `get=1` requests on the agent's wireguard-go socket: cheap enough to poll."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock: socket.socket | None = None
+        self.last_duration = 0.0
+
+    def get(self) -> bytes:
+        for attempt in range(2):
+            try:
+                if self.sock is None:
+                    self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    self.sock.settimeout(10)
+                    self.sock.connect(str(self.path))
+                t0 = time.monotonic()
+                self.sock.sendall(b"get=1\n\n")
+                buf = b""
+                while not (buf.endswith(b"\n\n") and b"errno=" in buf[-16:]):
+                    chunk = self.sock.recv(1 << 20)
+                    if not chunk:
+                        raise ConnectionResetError("UAPI socket closed")
+                    buf += chunk
+                self.last_duration = time.monotonic() - t0
+                return buf
+            except OSError:
+                self.close()
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def peers(self) -> int:
+        try:
+            return self.get().count(b"\npublic_key=")
+        except OSError:
+            return 0
+
+    def holds(self, key: PublicKey) -> bool:
+        return b"public_key=" + key.hex().encode() + b"\n" in self.get()
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+def scrape(netns: str) -> dict[str, float]:
+    """The agent's /metrics as {"name{labels}": value} (comments dropped)."""
+    body = benchlib.http_get(netns, "127.0.0.1", METRICS_PORT, "/metrics")
+    out: dict[str, float] = {}
+    for line in body.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            with contextlib.suppress(ValueError):
+                out[name] = float(value)
+    return out
+
+
+def ops(m: dict[str, float]) -> dict[str, float]:
+    return {"add": m.get('wgmanager_peer_operations_total{op="add"}', 0.0),
+            "update": m.get('wgmanager_peer_operations_total{op="update"}', 0.0),
+            "remove": m.get('wgmanager_peer_operations_total{op="remove"}', 0.0),
+            "map_upsert": m.get('wgmanager_datapath_map_operations_total{op="upsert"}', 0.0),
+            "map_delete": m.get('wgmanager_datapath_map_operations_total{op="delete"}', 0.0),
+            "events": m.get("wgmanager_node_event_to_configured_seconds_count", 0.0),
+            "event_s": m.get("wgmanager_node_event_to_configured_seconds_sum", 0.0),
+            "reconciles": m.get("wgmanager_reconcile_duration_seconds_count", 0.0),
+            "reconcile_s": m.get("wgmanager_reconcile_duration_seconds_sum", 0.0)}
+
+
+def delta(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    return {k: b[k] - a[k] for k in a}
+
+
+# -- the bench ----------------------------------------------------------------------------
+
+@dataclass
+class Phase:
+    latencies_ms: list[float]
+    ops_per_change: list[dict[str, float]]
+    totals: dict[str, float]
+    agent_cpu_s: float
+    seconds: float
+    background_patches: int = 0
+    background_rate: float = 0.0
+    poll_ms: float = 0.0
+
+
+class Bench:
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.lab = Lab(benchlib.BENCH_ROOT / prefix, prefix=prefix,
+                       pin_root=benchlib.BENCH_PIN_ROOT)
+        self.keys: dict[int, PublicKey] = {}
+        self.generation: dict[int, int] = {}  # address generation per synthetic node
+        self.created = 0
+        self._local = threading.local()
+        self.agent: subprocess.Popen[bytes] | None = None
+
+    @property
+    def node(self) -> SimNode:
+        return self.lab.nodes[0]
+
+    # -- lab ------------------------------------------------------------------------------
+
+    def up(self) -> None:
+        lab = self.lab
+        benchlib.run_dir(self.prefix)
+        lab.topo = topology.create(self.prefix, nodes=1, pods_per_node=1,
+                                   underlay=labmod.free_underlay(), host_link=True)
+        lab._save()
+        lab._start_control_plane()  # etcd + kube-apiserver + the agent's RBAC, as `lab up`
+        lab._save()
+        lab.register_node(self.node)
+
+    def down(self) -> None:
+        self.lab.down()
+        benchlib.cleanup_prefix(self.prefix)
+
+    def core(self) -> Any:
+        """A CoreV1Api per thread (each with its own connection pool)."""
+        api = getattr(self._local, "core", None)
+        if api is None:
+            from kubernetes import client as k8s
+            assert self.lab.cp is not None
+            api = self._local.core = k8s.CoreV1Api(self.lab.cp.api_client())
+        return api
+
+    def create_nodes(self, upto: int) -> float:
+        """Creates synthetic nodes [created, upto); returns nodes per second."""
+        todo = list(range(self.created, upto))
+        for i in todo:
+            self.keys[i] = new_key()
+
+        def create(i: int) -> None:
+            self.core().create_node(synth_node(i, self.keys[i].base64()),
+                                    _preload_content=False)
+
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(WORKERS) as pool:
+            list(pool.map(create, todo))
+        self.created = upto
+        return len(todo) / max(1e-9, time.monotonic() - t0)
+
+    def set_key(self, i: int) -> PublicKey:
+        key = new_key()
+        self.core().patch_node(synth_name(i), {"metadata": {"annotations": {
+            ANNOTATION: key.base64()}}}, _preload_content=False, _content_type=MERGE)
+        self.keys[i] = key
+        return key
+
+    def set_addresses(self, i: int, generation: int) -> None:
+        self.core().patch_node_status(synth_name(i), {"status": {
+            "addresses": addresses(i, generation)}}, _preload_content=False,
+            _content_type=MERGE)
+
+    # -- agent ----------------------------------------------------------------------------
+
+    def start_agent(self) -> subprocess.Popen[bytes]:
+        """As Lab.start_agent, with cluster CIDRs that cover the synthetic pod CIDRs."""
+        lab, node = self.lab, self.node
+        lab.node_dir(node).mkdir(parents=True, exist_ok=True)
+        argv = ["nsenter", f"--net=/run/netns/{node.netns}", sys.executable, "-m",
+                "wgmanager", "agent", "--node-name", node.name, "--kubeconfig",
+                str(lab.agent_kubeconfig), "--cluster-cidrs", ",".join(CLUSTER_CIDRS),
+                "--listen-port", str(labmod.LISTEN_PORT), "--health-port",
+                str(labmod.HEALTH_PORT), "--metrics-port", str(METRICS_PORT),
+                "--no-events", *lab.node_args(node)]
+        with open(lab.agent_log_file(node), "ab") as logf:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                                    start_new_session=True)
+        lab.agent_pid_file(node).write_text(f"{proc.pid}\n")
+        self.agent = proc
+        return proc
+
+    def agent_pid(self) -> int | None:
+        return self.agent.pid if self.agent and self.agent.poll() is None else None
+
+    def stop_agent(self) -> None:
+        """SIGTERM, then remove its device, filters and maps: the next start is fresh."""
+        if self.agent is not None:
+            self.agent.send_signal(signal.SIGTERM)
+            self.agent.wait(timeout=30)
+            self.agent = None
+        subprocess.run(["nsenter", f"--net=/run/netns/{self.node.netns}", sys.executable,
+                        "-m", "wgmanager", "--log-level", "warning", "teardown",
+                        *self.lab.node_args(self.node)], check=True, capture_output=True,
+                       timeout=120)
+
+    def poller(self) -> UapiPoller:
+        return UapiPoller(self.lab.node_dir(self.node) / "wg" / "wgm0.sock")
+
+    def scrape_ops(self) -> dict[str, float]:
+        return ops(scrape(self.node.netns))
+
+    def settle(self, before: dict[str, float], timeout: float) -> dict[str, float]:
+        """Scrapes until the agent has recorded a reconcile with an event since ``before``
+        and no newer one is pending (two equal scrapes)."""
+        deadline = time.monotonic() + timeout
+        last = self.scrape_ops()
+        while time.monotonic() < deadline:
+            time.sleep(0.2)  # a scrape reads the whole device: keep them rare
+            now = self.scrape_ops()
+            if now["events"] > before["events"] and now == last:
+                return now
+            last = now
+        return last
+
+    # -- measurements ---------------------------------------------------------------------
+
+    def time_to_program(self, n: int, timeout: float) -> tuple[float, float, int]:
+        """(seconds from agent start to n peers on its device, agent CPU s, pid)."""
+        poll = self.poller()
+        t0 = time.monotonic()
+        pid = self.start_agent().pid
+        try:
+            while True:
+                peers = poll.peers()
+                if peers >= n:
+                    break
+                if self.agent_pid() is None:
+                    log_file = self.lab.agent_log_file(self.node)
+                    raise RuntimeError(f"the agent exited; see {log_file}")
+                if time.monotonic() - t0 > timeout:
+                    raise TimeoutError(f"agent held {peers}/{n} peers after {timeout:.0f}s")
+                time.sleep(0.1)
+            took = time.monotonic() - t0
+        finally:
+            poll.close()
+        # metrics answer once the agent is up; wait for its first reconcile to be recorded
+        benchlib.wait_for(lambda: self._metrics_ok(), 60, "the agent's metrics")
+        return took, benchlib.proc_cpu_seconds(pid), pid
+
+    def _metrics_ok(self) -> bool:
+        try:
+            return self.scrape_ops()["reconciles"] >= 1
+        except (OSError, RuntimeError):
+            return False
+
+    def key_changes(self, pid: int, changes: int, *, rate: float, timeout: float) -> Phase:
+        """``changes`` sequential key changes of synthetic nodes; meanwhile ``rate``
+        address changes per second of other synthetic nodes (0: idle)."""
+        rng = random.Random(len(self.keys) * 7919 + int(rate))
+        measured = rng.sample(range(self.created), min(changes, self.created))
+        others = [i for i in range(self.created) if i not in set(measured)] or measured
+        stop = threading.Event()
+        patched = [0]
+
+        span = [0.0, 0.0]
+        failed = [0]
+
+        def patch(i: int, generation: int) -> None:
+            try:
+                self.set_addresses(i, generation)
+            except Exception:  # counted and reported: the achieved rate excludes it
+                failed[0] += 1
+
+        def background() -> None:
+            with ThreadPoolExecutor(WORKERS) as pool:
+                span[0] = t_next = time.monotonic()
+                while not stop.is_set():
+                    i = others[rng.randrange(len(others))]
+                    self.generation[i] = self.generation.get(i, 0) + 1  # always a change
+                    pool.submit(patch, i, self.generation[i])
+                    patched[0] += 1
+                    t_next += 1.0 / rate
+                    stop.wait(max(0.0, t_next - time.monotonic()))
+            span[1] = time.monotonic()  # every submitted patch has been sent
+
+        bg = threading.Thread(target=background, daemon=True) if rate else None
+        poll = self.poller()
+        cpu0 = benchlib.proc_cpu_seconds(pid)
+        start = self.scrape_ops()
+        t_start = time.monotonic()
+        if bg:
+            bg.start()
+            time.sleep(1.0)  # let the background load reach its rate
+        lat: list[float] = []
+        per_change: list[dict[str, float]] = []
+        polls: list[float] = []
+        try:
+            before = self.scrape_ops()
+            for i in measured:
+                t0 = time.monotonic()
+                key = self.set_key(i)
+                while not poll.holds(key):
+                    polls.append(poll.last_duration)
+                    # at most ~1/3 of a core on polling: the agent shares these 2 cores
+                    time.sleep(max(0.002, 2 * poll.last_duration))
+                    if time.monotonic() - t0 > timeout:
+                        raise TimeoutError(f"new key of {synth_name(i)} not on the device "
+                                           f"after {timeout:.0f}s")
+                lat.append((time.monotonic() - t0) * 1000)
+                if bg:
+                    continue  # per-change deltas are only meaningful on an idle cluster
+                after = self.settle(before, timeout)
+                per_change.append(delta(before, after))
+                before = after
+        finally:
+            stop.set()
+            if bg:
+                bg.join()
+            poll.close()
+        if bg:
+            time.sleep(1.0)
+        end = self.settle(start, timeout) if bg else self.scrape_ops()
+        return Phase(lat, per_change, delta(start, end),
+                     benchlib.proc_cpu_seconds(pid) - cpu0, time.monotonic() - t_start,
+                     patched[0] - failed[0],
+                     (patched[0] - failed[0]) / max(1e-9, span[1] - span[0]),
+                     1000 * benchlib.median(polls) if polls else 0.0)
+
+
+def measure(sizes: list[int], changes: dict[int, int], rate: float) -> dict[str, Any]:
+    prefix = benchlib.new_prefix()
+    bench = Bench(prefix)
+    out: dict[str, Any] = {"sizes": {}, "rate": rate}
+    try:
+        log(f"control plane: lab {prefix} (etcd + kube-apiserver, one agent), sizes {sizes}")
+        bench.up()
+        for n in sorted(sizes):
+            rate_created = bench.create_nodes(n)
+            log(f"  {n} synthetic nodes exist (created at {rate_created:.0f} nodes/s)")
+            timeout = 120 + n * 0.1
+            code = benchlib.code_version()  # what this size's agent process runs
+            with benchlib.RssSampler(bench.agent_pid) as rss:
+                program_s, start_cpu, pid = bench.time_to_program(n, timeout=timeout + 600)
+                log(f"  {n}: agent programmed {n} peers in {program_s:.1f} s "
+                    f"(agent CPU {start_cpu:.1f} s)")
+                k = changes.get(n, 0)
+                idle = bench.key_changes(pid, k, rate=0, timeout=timeout)
+                log(f"  {n}: idle key change -> peer updated: median "
+                    f"{benchlib.median(idle.latencies_ms):.0f} ms, p99 "
+                    f"{benchlib.percentile(idle.latencies_ms, 99):.0f} ms over {k} changes; "
+                    f"ops per change {_per_change(idle.__dict__)}")
+                busy = bench.key_changes(pid, k, rate=rate, timeout=timeout)
+                log(f"  {n}: busy ({busy.background_rate:.0f} address "
+                    f"changes/s) key change -> peer updated: median "
+                    f"{benchlib.median(busy.latencies_ms):.0f} ms, p99 "
+                    f"{benchlib.percentile(busy.latencies_ms, 99):.0f} ms; totals "
+                    f"{ {k2: round(v, 1) for k2, v in busy.totals.items()} }")
+            log(f"  {n}: agent peak RSS {rss.peak:.0f} MiB")
+            out["sizes"][n] = {"code": code, "nodes_created_per_s": rate_created,
+                               "program_s": program_s,
+                               "start_cpu_s": start_cpu, "peak_rss_mib": rss.peak,
+                               "idle": idle.__dict__, "busy": busy.__dict__}
+            bench.stop_agent()
+    except BaseException:
+        with contextlib.suppress(OSError, LabError):
+            tail = bench.lab.agent_log_file(bench.node).read_text().splitlines()[-15:]
+            log("agent log (last lines):\n" + "\n".join(tail))
+        raise
+    finally:
+        bench.down()
+    return out
+
+
+def _per_change(phase: dict[str, Any]) -> dict[str, float]:
+    """The largest delta of each counter over single changes (O(1): small and flat)."""
+    deltas = phase["ops_per_change"]
+    if not deltas:
+        return {}
+    keys = ("add", "update", "remove", "map_upsert", "map_delete")
+    return {k: max(d[k] for d in deltas) for k in keys}
+
+
+def size_values(n: int, r: dict[str, Any]) -> dict[str, tuple[float, str, str]]:
+    """metric -> (value, unit, what) for one cluster size."""
+    v: dict[str, tuple[float, str, str]] = {
+        "program_all_peers": (r["program_s"], "s",
+                              f"agent start to all {n} peers on its WireGuard device (UAPI)"),
+        "agent_start_cpu": (r["start_cpu_s"], "CPU-s",
+                            f"agent CPU (utime+stime) from start to {n} peers programmed"),
+    }
+    for phase in ("idle", "busy"):
+        ph = r[phase]
+        cond = ("cluster otherwise idle" if phase == "idle" else
+                f"while {ph['background_rate']:.0f} other nodes' addresses change per second")
+        lat = ph["latencies_ms"]
+        v[f"key_change_{phase}.median"] = (
+            benchlib.median(lat), "ms", f"Node annotation patched (new key) to the new peer "
+            f"on the agent's device, {cond}, median of {len(lat)}")
+        v[f"key_change_{phase}.p99"] = (benchlib.percentile(lat, 99), "ms",
+                                        f"the same, p99 (nearest rank) of {len(lat)}")
+        t = ph["totals"]
+        if t["reconciles"]:
+            v[f"reconcile_{phase}.mean"] = (1000 * t["reconcile_s"] / t["reconciles"], "ms",
+                                            f"the agent's own reconcile duration (mean), {cond}")
+        v[f"agent_cpu_{phase}"] = (ph["agent_cpu_s"] / ph["seconds"], "cores",
+                                   f"agent CPU per second of the {phase} phase")
+    per = _per_change(r["idle"])
+    if per:
+        v["peer_ops_per_key_change"] = (
+            per["add"] + per["update"] + per["remove"], "ops",
+            "largest delta of wgmanager_peer_operations_total over one key change, idle "
+            "(O(1) means 2: 1 add + 1 remove)")
+        v["map_ops_per_key_change"] = (
+            per["map_upsert"] + per["map_delete"], "ops",
+            "largest delta of wgmanager_datapath_map_operations_total over one key change")
+    busy = r["busy"]
+    bt, events = busy["totals"], len(busy["latencies_ms"]) + busy["background_patches"]
+    if events:
+        v["peer_ops_per_event_busy"] = (
+            (bt["add"] + bt["update"] + bt["remove"]) / events, "ops/event",
+            "peer operations per Node change in the busy phase (a key change is add + "
+            "remove, an address change one update; changes to one node within one "
+            "reconcile coalesce)")
+    v["agent_peak_rss"] = (r["peak_rss_mib"], "MiB", "agent VmRSS, maximum over the run")
+    return v
+
+
+def entries(raw: dict[str, Any]) -> list[Entry]:
+    out: list[Entry] = []
+    prev: tuple[int, dict[str, tuple[float, str, str]]] | None = None
+    for n, r in sorted(raw["sizes"].items(), key=lambda kv: int(kv[0])):
+        values = size_values(int(n), r)
+        for metric, (value, unit, what) in values.items():
+            base = prev[1].get(metric) if prev else None
+            out.append(entry(f"controlplane.{n}.{metric}", value, unit, what,
+                             compared_with=f"{prev[0]} nodes" if prev and base else None,
+                             baseline_value=base[0] if base else None))
+        prev = (int(n), values)
+    return out
+
+
+def run(*, full: bool = False, sizes: list[int] | None = None,
+        changes: int | None = None, rate: float = 50.0) -> tuple[list[Entry], dict[str, Any]]:
+    sizes = sizes or ([100, 1000, 5000] if full else [100, 1000])
+    if changes is not None:
+        plan = dict.fromkeys(sizes, changes)
+    else:
+        # A change costs about one full reconcile, which grows with N (see docs): 100
+        # changes where that fits the time budget, fewer at the larger sizes.
+        plan = {n: 100 if n <= 100 or (full and n <= 1000) else 5 if n > 1000 else 10
+                for n in sizes}
+    raw = measure(sizes, plan, rate)
+    raw["changes"] = plan
+    return entries(raw), raw
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", default=None, help="comma-separated node counts")
+    p.add_argument("--changes", type=int, default=None, help="key changes per phase")
+    p.add_argument("--rate", type=float, default=50.0, help="background changes per second")
+    p.add_argument("--full", action="store_true")
+    p.add_argument("--json", type=Path)
+    a = p.parse_args()
+    benchlib.terminate_on_sigterm()
+    sizes = [int(s) for s in a.sizes.split(",")] if a.sizes else None
+    rows, raw = run(full=a.full, sizes=sizes, changes=a.changes, rate=a.rate)
+    for r in rows:
+        print(json.dumps(r))
+    if a.json:
+        a.json.write_text(json.dumps({"machine": benchlib.machine_info(), "results": rows,
+                                      "raw": raw}, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+#!/usr/bin/env python3
+"""Runs every benchmark, prints one table and writes bench/results.json.
+
+    sudo .venv/bin/python bench/run.py [--full] [--only datapath,throughput,controlplane]
+
+(`make bench` / `make bench-full` run `make setup` first, then this.)
+
+1. ``datapath``     bench/datapath_cost.py: per-packet cost of the TC program at 10-100k
+                    CIDRs vs the iptables / iptables-legacy / nft-set rules a
+                    route/rule-based tool would need.
+2. ``throughput``   bench/throughput.py: iperf3 and ping between pods on two simulated
+                    nodes, plaintext vs a hand-built wireguard-go tunnel vs wgmanager, CPU,
+                    and the knobs (receive buffer, MTU, offloads).
+3. ``controlplane`` bench/control_plane.py: one agent against a real kube-apiserver with
+                    100 and 1,000 Node objects (and 5,000 with --full): time to program,
+                    key-change latency idle and under 50 changes/s, RSS, CPU, operations
+                    per event.
+
+Key rotation (issue 8, part 4) is not benchmarked: the feature does not exist yet.
+
+bench/results.json holds ``machine`` (kernel, CPU, nproc, date, git commit, ...),
+``command``, ``wall_seconds``, ``code_per_benchmark`` (git commit + a digest of the
+wgmanager sources each benchmark ran: a shared tree may change during a run),
+``results`` (a list of {name, value, unit, compared_with, baseline_value, ratio, what};
+ratio = value / baseline_value), ``errors`` and each benchmark's ``raw`` samples.
+Benchmarks measure; nothing here asserts a timing. The exit status is non-zero only when
+a benchmark could not run at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import benchlib
+import control_plane
+import datapath_cost
+import throughput
+from benchlib import Entry, log
+
+BENCHES: dict[str, Callable[..., tuple[list[Entry], dict[str, Any]]]] = {
+    "datapath": datapath_cost.run,
+    "throughput": throughput.run,
+    "controlplane": control_plane.run,
+}
+DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results.json"
+
+
+def fmt(v: float | None) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float) and math.isnan(v):
+        return "n/a"
+    if abs(v) >= 1000:
+        return f"{v:,.0f}"
+    if abs(v) >= 10:
+        return f"{v:.1f}"
+    return f"{v:.3g}"
+
+
+def table(rows: list[Entry]) -> str:
+    head = ("name", "value", "unit", "compared with", "baseline", "ratio")
+    body = [(r["name"], fmt(r["value"]), r["unit"], r["compared_with"] or "",
+             fmt(r["baseline_value"]), fmt(r["ratio"])) for r in rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body, strict=False)]
+    right = {1, 4, 5}
+
+    def line(cells: tuple[str, ...]) -> str:
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
+
+    return "\n".join([line(head), line(tuple("-" * w for w in widths))] +
+                     [line(b) for b in body])
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--full", action="store_true",
+                   help="longer runs, more samples, 5,000 nodes (tens of minutes)")
+    p.add_argument("--only", default=",".join(BENCHES),
+                   help=f"comma-separated subset of {', '.join(BENCHES)}")
+    p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    a = p.parse_args()
+    if os.geteuid() != 0:
+        print("bench/run.py needs root (network namespaces, bpf, wireguard-go)",
+              file=sys.stderr)
+        return 2
+    chosen = [b.strip() for b in a.only.split(",") if b.strip()]
+    unknown = [b for b in chosen if b not in BENCHES]
+    if unknown:
+        p.error(f"unknown benchmark(s) {unknown}; choose from {list(BENCHES)}")
+    benchlib.terminate_on_sigterm()
+    stale = benchlib.remove_stale_runs()
+    if stale:
+        log(f"removed what crashed benchmark runs left behind: {stale}")
+
+    machine = benchlib.machine_info()
+    log(f"machine: {machine['cpu_model']}, {machine['nproc']} CPUs, kernel "
+        f"{machine['kernel']}, commit {machine['git_commit'][:12]}")
+    started = time.monotonic()
+    results: list[Entry] = []
+    raw: dict[str, Any] = {}
+    errors: dict[str, str] = {}
+    timings: dict[str, float] = {}
+    code: dict[str, str] = {}  # the code each benchmark ran (sources may change meanwhile)
+    for name in chosen:
+        t0 = time.monotonic()
+        code[name] = benchlib.code_version()
+        try:
+            rows, raw[name] = BENCHES[name](full=a.full)
+            results += rows
+        except Exception as e:  # one broken benchmark must not hide the others' figures
+            errors[name] = f"{type(e).__name__}: {e}"
+            log(f"{name} FAILED:\n{traceback.format_exc()}")
+        timings[name] = round(time.monotonic() - t0, 1)
+        after = benchlib.code_version()
+        if after != code[name]:
+            log(f"{name}: NOTE the wgmanager sources changed during this benchmark "
+                f"({code[name]} -> {after}); its figures mix both")
+            code[name] += f" -> {after}"
+        log(f"{name}: {timings[name]:.0f} s")
+    wall = time.monotonic() - started
+
+    doc = {"machine": machine,
+           "command": "bench/run.py" + (" --full" if a.full else "") +
+                      ("" if a.only == ",".join(BENCHES) else f" --only {a.only}"),
+           "wall_seconds": round(wall, 1), "seconds_per_benchmark": timings,
+           "code_per_benchmark": code,
+           "results": results, "errors": errors, "raw": raw}
+    a.output.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    print(table(results))
+    print(f"\n{len(results)} figures in {wall:.0f} s; written to {a.output}")
+    for name, err in errors.items():
+        print(f"{name}: FAILED: {err}")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
