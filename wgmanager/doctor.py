@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from wgmanager import config
+from wgmanager.datapath.mounts import fstype_at
 from wgmanager.doctor_net import (
     check_api,
     check_ip_forward,
@@ -46,7 +47,6 @@ from wgmanager.doctor_rules import (
     capabilities_check,
     clock_skew_check,
     exit_code,
-    fstype_at,
     kernel_check,
     parse_capeff,
     render,

@@ -12,7 +12,6 @@ import email.utils
 import json
 import re
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Literal
 
 from wgmanager.config import wireguard_mtu
@@ -117,26 +116,6 @@ def mtu_check(uplink: str, uplink_mtu: int, family: int, interface: str,
         return Check("mtu", "warn", detail, f"restart the agent (it sets the MTU from the "
                      f"uplink) or pass --mtu <= {wg}: larger packets fragment on the underlay")
     return Check("mtu", "ok", detail)
-
-
-def fstype_at(mountinfo: str, path: Path, *, exact: bool = False) -> str | None:
-    """The filesystem type of the mount holding ``path`` (with ``exact``, mounted at it).
-
-    ``mountinfo`` is the text of /proc/self/mountinfo; a later mount on the same point hides
-    an earlier one, so the last match wins.
-    """
-    target, best, fstype = str(path), "", None
-    for line in mountinfo.splitlines():
-        left, sep, right = line.partition(" - ")
-        fields = left.split()
-        if not sep or len(fields) < 5 or not right.split():
-            continue
-        point = fields[4]
-        inside = target == point if exact else (
-            target == point or target.startswith(point.rstrip("/") + "/"))
-        if inside and len(point) >= len(best):
-            best, fstype = point, right.split()[0]
-    return fstype
 
 
 def udp_inodes(table: str, port: int) -> set[int]:

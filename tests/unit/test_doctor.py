@@ -15,6 +15,7 @@ from urllib3.connection import HTTPSConnection
 from urllib3.exceptions import MaxRetryError, NewConnectionError
 
 from wgmanager import config, doctor
+from wgmanager.datapath.mounts import fstype_at
 from wgmanager.doctor_rules import (
     RBAC_FIX,
     Check,
@@ -22,7 +23,6 @@ from wgmanager.doctor_rules import (
     capabilities_check,
     clock_skew_check,
     exit_code,
-    fstype_at,
     kernel_check,
     mtu_check,
     parse_capeff,

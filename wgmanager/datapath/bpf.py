@@ -22,6 +22,7 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from wgmanager.datapath.mounts import fstype_of
 from wgmanager.errors import DatapathError
 from wgmanager.kernel_errors import explain_kernel_error
 
@@ -61,7 +62,7 @@ def ensure_bpffs(pin_dir: Path, *, default_root: Path = Path("/sys/fs/bpf")) -> 
     bpffs is not always mounted (it is not on this project's CI machine). We mount it only
     at its standard place; anywhere else is the operator's choice and only checked.
     """
-    if _fstype_of(pin_dir) == "bpf":
+    if fstype_of(pin_dir) == "bpf":
         return
     if not pin_dir.is_relative_to(default_root) or os.path.ismount(default_root):
         raise DatapathError(f"pin directory {pin_dir} is not on a bpffs; mount one "
@@ -74,20 +75,6 @@ def ensure_bpffs(pin_dir: Path, *, default_root: Path = Path("/sys/fs/bpf")) -> 
         reason = " ".join(res.stderr.split())
         raise DatapathError(f"bpffs is not mounted at {default_root} and mounting it failed "
                             f"({reason}); mount it: mount -t bpf bpf {default_root}")
-
-
-def _fstype_of(path: Path) -> str | None:
-    """The filesystem type of the mount that holds ``path`` (which may not exist yet)."""
-    best, fstype = "", None
-    target = str(path.absolute())
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            mount_point = left.split()[4]
-            inside = target == mount_point or target.startswith(mount_point.rstrip("/") + "/")
-            if inside and len(mount_point) >= len(best):
-                best, fstype = mount_point, right.split()[0]
-    return fstype
 
 
 class Program:

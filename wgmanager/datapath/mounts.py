@@ -1,0 +1,35 @@
+"""Which filesystem a path lives on, from /proc/self/mountinfo.
+
+The datapath needs it (pinned maps must sit on bpffs) and so does `doctor`; the parser is
+pure so it can be tested on sample text.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def fstype_at(mountinfo: str, path: Path, *, exact: bool = False) -> str | None:
+    """The filesystem type of the mount holding ``path`` (with ``exact``, mounted at it).
+
+    ``mountinfo`` is the text of /proc/self/mountinfo; a later mount on the same point hides
+    an earlier one, so the last match wins.
+    """
+    target, best, fstype = str(path), "", None
+    for line in mountinfo.splitlines():
+        left, sep, right = line.partition(" - ")
+        fields = left.split()
+        if not sep or len(fields) < 5 or not right.split():
+            continue
+        point = fields[4]
+        inside = target == point if exact else (
+            target == point or target.startswith(point.rstrip("/") + "/"))
+        if inside and len(point) >= len(best):
+            best, fstype = point, right.split()[0]
+    return fstype
+
+
+def fstype_of(path: Path) -> str | None:
+    """The filesystem type of the mount holding ``path`` (which may not exist yet)."""
+    with open("/proc/self/mountinfo") as f:
+        return fstype_at(f.read(), path.absolute())
