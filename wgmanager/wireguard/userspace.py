@@ -253,15 +253,17 @@ def _alive(pid: int) -> bool:
         done, _ = os.waitpid(pid, os.WNOHANG)
         if done == pid:
             return False
+    # Alive while any thread runs: after a kill a Go process's leader can be a zombie while
+    # other threads (still holding the socket and the TUN) exit; threads already dead
+    # linger in task/ in state X (or Z) for a moment and must not count.
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            if f.read().rsplit(")", 1)[1].split()[0] != "Z":
-                return True
-        # A zombie thread-group leader whose other threads (Go runtime) are still exiting
-        # still holds the socket and the TUN; exited threads vanish from task/ at once.
-        return len(os.listdir(f"/proc/{pid}/task")) > 1
-    except (FileNotFoundError, IndexError):
-        return False
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
+                    return True
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        pass
+    return False
 
 
 def _await(cond: object, timeout: float, interval: float = 0.01) -> bool:
