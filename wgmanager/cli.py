@@ -99,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("teardown", help="remove wgmanager's device, filters and maps from "
                                         "this node (the key is kept)")
     _node_flags(t)
+
+    w = sub.add_parser("wireguard-go-supervisor",
+                       help="run wireguard-go for the devices the agent asks for (the Helm "
+                            "chart's sidecar)")
+    from wgmanager.wireguard import supervisor
+
+    supervisor.add_arguments(w)
     return p
 
 
@@ -295,6 +302,12 @@ def cmd_lab(args: argparse.Namespace) -> int:
     return lab_cli.run(args)
 
 
+def cmd_wireguard_go_supervisor(args: argparse.Namespace) -> int:
+    from wgmanager.wireguard import supervisor
+
+    return supervisor.run(args)
+
+
 def cmd_teardown(args: argparse.Namespace) -> int:
     from wgmanager.node import teardown
     from wgmanager.wireguard.select import select_backend
@@ -307,7 +320,7 @@ def cmd_teardown(args: argparse.Namespace) -> int:
 
 COMMANDS = {"pubkey": cmd_pubkey, "apply": cmd_apply, "agent": cmd_agent,
             "status": cmd_status, "doctor": cmd_doctor, "lab": cmd_lab,
-            "teardown": cmd_teardown}
+            "teardown": cmd_teardown, "wireguard-go-supervisor": cmd_wireguard_go_supervisor}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -131,6 +131,10 @@ class Lab:
         """A handle from this (root-namespace) process; never spawns."""
         return UserspaceBackend(ifname, socket_dir=self.socket_dir(ifname), spawn=False)
 
+    def owner(self, ifname: str) -> UserspaceBackend:
+        """A spawning handle: the one that owns (and stops) the process by its pid file."""
+        return UserspaceBackend(ifname, socket_dir=self.socket_dir(ifname))
+
     def spawn(self, ifname: str, *, binary: str = "wireguard-go",
               timeout: float = 5.0) -> dict[str, object]:
         """``ensure_device`` in a subprocess inside the namespace; that subprocess exits."""
@@ -168,7 +172,7 @@ class Lab:
         """Stops every device this lab started: gracefully, then by pid file as a fallback."""
         for b in self.started:
             with contextlib.suppress(Exception):
-                b.delete_device()
+                self.owner(b.ifname).delete_device()
             try:
                 pid = int(b.pid_path.read_text().strip())
             except (FileNotFoundError, ValueError):
@@ -578,12 +582,21 @@ def test_spawning_a_missing_or_failing_binary_is_backend_unavailable(lab: Lab) -
     assert not lab.backend(too_long).device_exists()
 
 
-def test_not_spawning_without_a_socket_names_the_socket_path(lab: Lab) -> None:
-    dev = lab.backend(lab.ifname())
+def test_not_spawning_asks_the_sidecar_and_names_it_when_nothing_answers(lab: Lab) -> None:
+    ifname = lab.ifname()
+    dev = UserspaceBackend(ifname, socket_dir=lab.socket_dir(ifname), spawn=False, timeout=0.5)
     with pytest.raises(BackendUnavailable) as exc:
         dev.ensure_device()
-    assert str(dev.socket_path) in str(exc.value) and "\n" not in str(exc.value)
-    assert not dev.socket_dir.exists()
+    msg = str(exc.value)
+    assert "\n" not in msg
+    for part in (str(dev.socket_path), str(dev.want_path), "wireguard-go-supervisor"):
+        assert part in msg
+    # The request stays on file for a sidecar that starts later; withdrawing it is clean.
+    assert dev.want_path.read_text() == f"{ifname}\n"
+    assert not dev.pid_path.exists()
+    dev.delete_device()
+    assert not dev.want_path.exists()
+    dev.delete_device()  # idempotent
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
@@ -614,7 +627,7 @@ def test_a_dead_device_raises_one_line_device_errors(lab: Lab, sig: signal.Signa
 
 
 def test_delete_device_stops_the_process_and_removes_its_files(lab: Lab) -> None:
-    dev = lab.device()
+    dev = lab.owner(lab.device().ifname)
     dev.configure(DeviceSettings(PrivateKey.generate(), lab.port()))
     pid = dev.pid()
     assert pid is not None and dev.socket_path.exists() and dev.pid_path.exists()

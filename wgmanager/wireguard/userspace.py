@@ -1,7 +1,14 @@
 """The userspace backend: wireguard-go, configured over its UAPI unix socket.
 
-wireguard-go runs as its own process (started here, or by a sidecar container) in a new
-session, so it outlives the agent: an agent restart leaves the device and its tunnels up.
+wireguard-go runs as its own process in a new session, so it outlives the agent: an agent
+restart leaves the device and its tunnels up. Who starts it depends on ``spawn``:
+
+- ``spawn=True`` (a host, the lab): this backend starts it (``start_wireguard_go``).
+- ``spawn=False`` (a Kubernetes pod, where a container restart kills every process in the
+  container): a sidecar container runs ``wgmanager wireguard-go-supervisor``. The backend
+  asks for a device by writing ``<socket_dir>/<ifname>.want`` and waits for the socket;
+  removing the file asks for the device to go. See ``supervisor.py``.
+
 wireguard-go always puts its socket in /var/run/wireguard; when several simulated nodes
 share one machine each gets its own ``socket_dir``, which is bind-mounted over
 /run/wireguard inside a private mount namespace made just for that wireguard-go process.
@@ -20,6 +27,7 @@ import subprocess
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import IO
 
 from wgmanager.core.model import DeviceState
 from wgmanager.core.plan import AddPeer, PeerOp, RemovePeer
@@ -31,6 +39,48 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SOCKET_DIR = Path("/var/run/wireguard")
 _NATIVE_SOCKET_DIRS = {Path("/var/run/wireguard"), Path("/run/wireguard")}
+WANT_SUFFIX = ".want"
+
+
+def want_path(socket_dir: Path, ifname: str) -> Path:
+    """The file by which an agent asks the wireguard-go sidecar for device ``ifname``."""
+    return socket_dir / f"{ifname}{WANT_SUFFIX}"
+
+
+def check_can_start(binary: str) -> None:
+    """Raises BackendUnavailable, naming the fix, if wireguard-go cannot run here."""
+    if shutil.which(binary) is None:
+        raise BackendUnavailable(f"{binary} not found; install it (apt-get install "
+                                 "wireguard-go) or use a kernel with WireGuard")
+    if not os.path.exists("/dev/net/tun"):
+        raise BackendUnavailable("/dev/net/tun is missing; wireguard-go needs the TUN "
+                                 "driver (modprobe tun, or mount /dev/net/tun into the pod)")
+
+
+def start_wireguard_go(ifname: str, *, socket_dir: Path, binary: str = "wireguard-go",
+                       output: int | IO[bytes] | None = None) -> subprocess.Popen[bytes]:
+    """Starts ``wireguard-go -f IFNAME`` with its UAPI socket in ``socket_dir``; returns at once.
+
+    The one way wgmanager starts wireguard-go, shared by the spawning backend and the
+    sidecar's supervisor. The process gets its own session, so a signal aimed at the
+    caller's process group (Ctrl-C, a shell's job control) never reaches it: it stops only
+    when asked by pid. ``output`` is where its log goes (None: the caller's stdout/stderr).
+    """
+    check_can_start(binary)
+    socket_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
+    with contextlib.suppress(FileNotFoundError):
+        (socket_dir / f"{ifname}.sock").unlink()  # stale: callers start only when it is dead
+    if socket_dir.resolve() in _NATIVE_SOCKET_DIRS:
+        argv = [binary, "-f", ifname]
+    else:
+        script = ('mkdir -p /run/wireguard && mount --bind "$1" /run/wireguard '
+                  '&& exec "$2" -f "$3"')
+        argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script,
+                "wgmanager-wg", str(socket_dir), binary, ifname]
+    env = dict(os.environ, WG_PROCESS_FOREGROUND="1", LOG_LEVEL="error")
+    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=output,
+                            stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                            close_fds=True)
 
 
 class UapiConnection:
@@ -103,17 +153,29 @@ class UserspaceBackend:
             return False  # accepted, then hung up without a reply: it is exiting
         return True
 
+    @property
+    def want_path(self) -> Path:
+        return want_path(self.socket_dir, self.ifname)
+
     def ensure_device(self) -> bool:
         if self.device_exists():
+            if not self.spawn:
+                # Keep the request on file: a restarted sidecar restores exactly the devices
+                # that have one, and stops any that lost it.
+                self._write_want()
             return False
         if not self.spawn:
-            raise BackendUnavailable(
-                f"no wireguard-go socket at {self.socket_path}; start the wireguard-go "
-                "sidecar, or let wgmanager spawn it (drop --no-spawn-userspace)")
+            self._request_from_sidecar()
+            return True
         self._start_process()
         return True
 
     def delete_device(self) -> None:
+        if not self.spawn:
+            self._withdraw_from_sidecar()
+            # Without spawning there is no process of ours: a pid file in a socket dir shared
+            # with a sidecar names a process in another container's pid namespace.
+            return
         pid = self.pid()
         if pid is not None:
             with contextlib.suppress(ProcessLookupError):
@@ -124,6 +186,34 @@ class UserspaceBackend:
         if self.socket_path.exists() and not self.device_exists():
             self.socket_path.unlink()
 
+    def _write_want(self) -> None:
+        if self.want_path.exists():
+            return
+        self.socket_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
+        tmp = self.want_path.with_name(f".{self.want_path.name}.{os.getpid()}")
+        tmp.write_text(f"{self.ifname}\n")
+        tmp.rename(self.want_path)  # atomic: the supervisor never sees a half-written file
+
+    def _request_from_sidecar(self) -> None:
+        self._write_want()
+        if not _await(self.device_exists, self.timeout, interval=0.05):
+            raise BackendUnavailable(
+                f"no wireguard-go socket at {self.socket_path} {self.timeout:.0f}s after "
+                f"asking for it in {self.want_path}; is the wireguard-go sidecar "
+                f"(wgmanager wireguard-go-supervisor --socket-dir {self.socket_dir}) "
+                "running? Check its log")
+        log.info("wireguard-go started by the sidecar", extra={"ifname": self.ifname})
+
+    def _withdraw_from_sidecar(self) -> None:
+        try:
+            self.want_path.unlink()
+        except FileNotFoundError:
+            return  # never asked for: whatever serves this device is not ours to stop
+        if not _await(lambda: not self.device_exists(), self.timeout, interval=0.05):
+            raise DeviceError(f"the wireguard-go sidecar did not stop {self.ifname} within "
+                              f"{self.timeout:.0f}s of removing {self.want_path}; check its "
+                              "log")
+
     def pid(self) -> int | None:
         """The wireguard-go process we started for this device, if it is still running."""
         try:
@@ -133,27 +223,11 @@ class UserspaceBackend:
         return pid if _alive(pid) else None
 
     def _start_process(self) -> None:
-        if shutil.which(self.binary) is None:
-            raise BackendUnavailable(f"{self.binary} not found; install it (apt-get install "
-                                     "wireguard-go) or use a kernel with WireGuard")
-        if not os.path.exists("/dev/net/tun"):
-            raise BackendUnavailable("/dev/net/tun is missing; wireguard-go needs the TUN "
-                                     "driver (modprobe tun, or mount /dev/net/tun into the pod)")
+        check_can_start(self.binary)  # before the log file makes the directory
         self.socket_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
-        with contextlib.suppress(FileNotFoundError):
-            self.socket_path.unlink()  # stale: device_exists() just failed to talk to it
-        if self.socket_dir.resolve() in _NATIVE_SOCKET_DIRS:
-            argv = [self.binary, "-f", self.ifname]
-        else:
-            script = ('mkdir -p /run/wireguard && mount --bind "$1" /run/wireguard '
-                      '&& exec "$2" -f "$3"')
-            argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script,
-                    "wgmanager-wg", str(self.socket_dir), self.binary, self.ifname]
-        env = dict(os.environ, WG_PROCESS_FOREGROUND="1", LOG_LEVEL="error")
         with open(self.log_path, "ab") as logf:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf,
-                                    stderr=subprocess.STDOUT, env=env,
-                                    start_new_session=True, close_fds=True)
+            proc = start_wireguard_go(self.ifname, socket_dir=self.socket_dir,
+                                      binary=self.binary, output=logf)
         self.pid_path.write_text(f"{proc.pid}\n")
         if not _await(lambda: proc.poll() is not None or self.device_exists(), self.timeout):
             proc.kill()
