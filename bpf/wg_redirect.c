@@ -33,6 +33,11 @@
 #define ACTION_LOCAL 1
 #define ACTION_REDIRECT 2
 #define ACTION_DROP 3
+/* Key rotation (wgmanager.core.rotation): the node runs a second device with its next key.
+ * ALT sends into that device; BOTH sends a copy into each, and the peer accepts exactly the
+ * one encrypted with the key it currently holds for us. */
+#define ACTION_REDIRECT_ALT 4
+#define ACTION_REDIRECT_BOTH 5
 
 /* Counter slots; keep in step with wgmanager.datapath.bpf.Counter. */
 #define CNT_PASSED 0
@@ -52,10 +57,10 @@ struct cidr_value {
 };
 
 struct wgm_config {
-    u32 wg_ifindex; /* 0 = no device yet: redirects become drops */
-    u32 wg_port;    /* informational (status); the program never exempts by port */
-    u32 wg_mtu;     /* for the oversize counter */
-    u32 pad;
+    u32 wg_ifindex;  /* 0 = no device yet: redirects become drops */
+    u32 wg_port;     /* informational (status); the program never exempts by port */
+    u32 wg_mtu;      /* for the oversize counter */
+    u32 alt_ifindex; /* the second device during a key rotation; 0 = none (ALT uses wg) */
 };
 
 struct counter {
@@ -123,24 +128,37 @@ static __always_inline int parse(struct __sk_buff *skb, struct flow *f)
 static __always_inline int steer(struct __sk_buff *skb, struct cidr_value *dst)
 {
     u32 zero = 0;
+    u32 action = dst->action;
     struct wgm_config *cfg;
+    u32 target, alt;
 
-    if (dst->action == ACTION_REDIRECT) {
-        cfg = config.lookup(&zero);
-        if (!cfg || cfg->wg_ifindex == 0) {
-            count(CNT_DROPPED_NO_DEVICE, skb);
-            return TC_ACT_SHOT;
-        }
-        /* GSO packets (a TCP burst of up to 64 KiB) are segmented to the pod's MSS on the
-         * way into the device: only a single packet over the MTU is really oversize. */
-        if (cfg->wg_mtu && skb->gso_segs <= 1 && skb->len > cfg->wg_mtu + ETH_HLEN)
-            count(CNT_OVERSIZE, skb);
-        count(CNT_REDIRECTED, skb);
-        /* If the device vanished (wireguard-go restarting) the redirect drops: fail closed. */
-        return bpf_redirect(cfg->wg_ifindex, 0);
+    if (action != ACTION_REDIRECT && action != ACTION_REDIRECT_ALT &&
+        action != ACTION_REDIRECT_BOTH) {
+        count(CNT_DROPPED_NOT_READY, skb);
+        return TC_ACT_SHOT;
     }
-    count(CNT_DROPPED_NOT_READY, skb);
-    return TC_ACT_SHOT;
+    cfg = config.lookup(&zero);
+    if (!cfg) {
+        count(CNT_DROPPED_NO_DEVICE, skb);
+        return TC_ACT_SHOT;
+    }
+    /* With no second device, ALT means the current one: at the end of a rotation the
+     * device config switches before the entries are rewritten, and nothing may drop. */
+    alt = cfg->alt_ifindex ? cfg->alt_ifindex : cfg->wg_ifindex;
+    target = action == ACTION_REDIRECT ? cfg->wg_ifindex : alt;
+    if (target == 0) {
+        count(CNT_DROPPED_NO_DEVICE, skb);
+        return TC_ACT_SHOT;
+    }
+    /* GSO packets (a TCP burst of up to 64 KiB) are segmented to the pod's MSS on the
+     * way into the device: only a single packet over the MTU is really oversize. */
+    if (cfg->wg_mtu && skb->gso_segs <= 1 && skb->len > cfg->wg_mtu + ETH_HLEN)
+        count(CNT_OVERSIZE, skb);
+    count(CNT_REDIRECTED, skb);
+    if (action == ACTION_REDIRECT_BOTH && cfg->wg_ifindex && cfg->wg_ifindex != target)
+        bpf_clone_redirect(skb, cfg->wg_ifindex, 0);
+    /* If the device vanished (wireguard-go restarting) the redirect drops: fail closed. */
+    return bpf_redirect(target, 0);
 }
 
 int from_pod(struct __sk_buff *skb)

@@ -9,7 +9,9 @@ Threads and their jobs:
 - the main loop reconciles when the cache is dirty (debounced, so a burst of events is one
   pass), every ``resync_interval`` as a safety net, and at once when the WireGuard device
   has vanished (wireguard-go died). It also (re)publishes the node's public key whenever
-  the Node's annotation is not ours.
+  the Node's annotation is not ours, and drives key rotation (``wgmanager.keyrotation``):
+  a request annotation from `wgmanager rotate-keys` or the schedule starts one, and while
+  it runs the loop reconciles every poll interval to see peers confirm.
 
 Nothing is pruned before the first complete list: until then the datapath keeps what it had
 (after a restart: the previous, still correct state; on a first start: nothing attached).
@@ -25,7 +27,6 @@ import threading
 import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 from wgmanager.core.mesh import LocalNodeError
@@ -33,10 +34,18 @@ from wgmanager.core.model import NodeSpec
 from wgmanager.datapath import links
 from wgmanager.datapath.linkwatch import watch_new_links
 from wgmanager.errors import WgmError
-from wgmanager.keystore import KeyStore
+from wgmanager.keyrotation import KeyRotator, Outcome
+from wgmanager.keystore import slot_key
 from wgmanager.kube.client import Backoff, NodesAPI
 from wgmanager.kube.events import EventRecorder
-from wgmanager.kube.translate import node_spec
+from wgmanager.kube.translate import (
+    NEXT_KEY_ANNOTATION,
+    NEXT_PORT_ANNOTATION,
+    PORT_ANNOTATION,
+    PUBLIC_KEY_ANNOTATION,
+    ROTATION_STATUS_ANNOTATION,
+    node_spec,
+)
 from wgmanager.kube.watch import Deleted, NodeWatcher, Synced, Upserted, WatchEvent
 from wgmanager.metrics import AgentMetrics, LiveSources
 from wgmanager.node import NodeReconciler, ReconcileResult
@@ -88,16 +97,21 @@ class Agent:
         self.metrics = metrics
         self.events = events
         self._reported: dict[str, str] = {}  # rejected node -> reason already reported
+        self.rotator = KeyRotator(reconciler, reconciler.settings.rotation,
+                                  crash_at=reconciler.settings.rotation.crash_at)
+        reconciler.rotation = self.rotator.state
         if metrics is not None:
             settings = reconciler.settings
+            rotator = self.rotator
             metrics.attach(LiveSources(
-                device=reconciler.backend.read,
+                device=lambda: reconciler.backend.read(),
                 pin_dir=lambda: settings.datapath.pin_dir,
                 mesh=lambda: reconciler.mesh,
-                key_mtime=lambda: _mtime(KeyStore(settings.state_dir).path),
+                key_mtime=lambda: reconciler.keystore.mtime(slot_key(rotator.state.slot)),
                 watch=lambda: self.watcher.health,
                 backend=reconciler.backend.kind.value,
-                interface=settings.wireguard.ifname))
+                interface=lambda: reconciler.backend.ifname,
+                rotation_phase=lambda: rotator.state.phase))
 
     # -- events -----------------------------------------------------------------------
 
@@ -133,7 +147,8 @@ class Agent:
     def run(self) -> None:
         key = self.reconciler.private_key.public_key.base64()
         log.info("agent starting", extra={"node": self.node_name, "public_key": key,
-                                          "backend": self.reconciler.backend.kind.value})
+                                          "backend": self.reconciler.backend.kind.value,
+                                          "key_rotation": self.rotator.state.phase})
         self._watch_thread = threading.Thread(target=self.watcher.run,
                                               args=(self.on_event, self._stop),
                                               name="node-watch", daemon=True)
@@ -147,12 +162,15 @@ class Agent:
         if not self.reconciler.datapath_exists():
             self._bootstrap()
         backoff = Backoff(initial=0.5, maximum=10.0)
+        publish_backoff = Backoff(initial=0.5, maximum=10.0)
         next_resync = time.monotonic() + self.timing.resync_interval
         next_publish = 0.0
+        poll = self.reconciler.settings.rotation.poll_interval
         try:
             while not self._stop.is_set():
                 self.heartbeat = time.monotonic()
-                fired = self._dirty.wait(self.timing.device_check_interval)
+                rotating = self.rotator.active
+                fired = self._dirty.wait(poll if rotating else self.timing.device_check_interval)
                 if self._stop.is_set():
                     break
                 if fired:
@@ -161,22 +179,34 @@ class Agent:
                 synced, nodes = self.snapshot()
                 if not synced:
                     continue
+                me = next((n for n in nodes if n.name == self.node_name), None)
                 now = time.monotonic()
-                if now >= next_publish and self._needs_publish(nodes, key):
-                    next_publish = now + self._publish(key, backoff)
-                due = fired or now >= next_resync or not self._device_ok()
+                if now >= next_publish:
+                    changes = self._annotation_changes(me)
+                    if changes:
+                        next_publish = now + self._publish(changes, publish_backoff)
+                due = fired or rotating or now >= next_resync or not self._device_ok()
                 if not due:
                     continue
                 with self._lock:
                     pending, self._pending_since = self._pending_since, None
                 try:
-                    result = self.reconciler.reconcile(nodes)
+                    remote = self.reconciler.mesh.nodes.values() if self.reconciler.mesh else ()
+                    state = self.rotator.before_reconcile(me, remote)
+                    result = self.reconciler.reconcile(nodes, state)
                     self.last_reconcile_ok, self.last_error = True, ""
                     self.reconciles += 1
                     backoff.reset()
                     next_resync = time.monotonic() + self.timing.resync_interval
                     self._record(result, pending)
                     self._report_rejections(result)
+                    before = self.rotator.state
+                    outcome = self.rotator.after_reconcile(result.rotation)
+                    if self.rotator.state != before:
+                        self._dirty.set()  # apply the new state (and publish it) right away
+                        next_publish = 0.0
+                    if outcome is not None:
+                        self._report_rotation(outcome)
                 except Exception as e:
                     if not isinstance(e, (WgmError, LocalNodeError)):
                         log.exception("unexpected error in reconcile (a bug: please report)")
@@ -198,6 +228,23 @@ class Agent:
                 self._http.shutdown()
             self.reconciler.close()
             log.info("agent stopped; device, filters and maps stay in place")
+
+    def _report_rotation(self, outcome: Outcome) -> None:
+        result = "completed" if outcome.completed else "rolled_back"
+        if self.metrics is not None:
+            self.metrics.key_rotations.labels(result).inc()
+            self.metrics.key_rotation_duration.observe(outcome.seconds)
+        if self.events is None:
+            return
+        if outcome.completed:
+            self.events.normal("KeyRotated", f"WireGuard key rotated in {outcome.seconds:.1f}s:"
+                               f" {outcome.peers} peer(s) use the new public key "
+                               f"{outcome.detail}; the old private key is destroyed",
+                               subject=outcome.request)
+        else:
+            self.events.warning("KeyRotationRolledBack", f"WireGuard key rotation rolled back "
+                                f"after {outcome.seconds:.1f}s: {outcome.detail}",
+                                subject=outcome.request)
 
     def _record(self, result: ReconcileResult, pending: float | None) -> None:
         m = self.metrics
@@ -249,28 +296,46 @@ class Agent:
         TUN link with it within milliseconds). A full device dump would cost O(peers)."""
         try:
             with links.iproute() as ipr:
-                return links.get_link(ipr, self.reconciler.settings.wireguard.ifname) is not None
+                return all(links.get_link(ipr, name) is not None
+                           for name in self.reconciler.interfaces())
         except Exception:  # any failure to look means "reconcile"
             return False
 
-    def _needs_publish(self, nodes: list[NodeSpec], key: str) -> bool:
-        me = next((n for n in nodes if n.name == self.node_name), None)
-        return me is None or me.public_key != key
+    def _annotation_changes(self, me: NodeSpec | None) -> dict[str, str | None]:
+        """The annotations of ours that our Node does not carry yet (all of them if the
+        Node is not in the list)."""
+        want = self.rotator.annotations()
+        if me is None:
+            return want
+        have = {PUBLIC_KEY_ANNOTATION: me.public_key, PORT_ANNOTATION: me.port,
+                NEXT_KEY_ANNOTATION: me.next_public_key, NEXT_PORT_ANNOTATION: me.next_port,
+                ROTATION_STATUS_ANNOTATION: me.rotation_status}
+        return {k: v for k, v in want.items() if have.get(k) != v}
 
-    def _publish(self, key: str, backoff: Backoff) -> float:
-        """Publishes our key; returns seconds until the next attempt is allowed."""
+    def _publish(self, changes: dict[str, str | None], backoff: Backoff) -> float:
+        """Writes our annotations; returns seconds until the next attempt is allowed."""
         try:
-            self.nodes_api.publish_key(self.node_name, key)
+            self.nodes_api.patch_annotations(self.node_name, changes)
         except Exception as e:
             delay = backoff.next_delay()
-            log.warning("cannot publish public key", extra={"node": self.node_name,
-                                                            "error": str(e)})
+            log.warning("cannot publish annotations", extra={"node": self.node_name,
+                                                             "error": str(e)})
             return delay
-        log.info("public key published", extra={"node": self.node_name, "public_key": key})
-        if self.events is not None:
-            self.events.normal("PublicKeyPublished", f"WireGuard public key {key} published",
-                               subject=key)
-        return 1.0  # the watch echoes it back; don't re-send before it had a chance
+        backoff.reset()
+        self.rotator.published()
+        key = changes.get(PUBLIC_KEY_ANNOTATION)
+        if key:
+            log.info("public key published", extra={"node": self.node_name, "public_key": key})
+            if self.events is not None:
+                self.events.normal("PublicKeyPublished", f"WireGuard public key {key} "
+                                   "published", subject=key)
+        if NEXT_KEY_ANNOTATION in changes:
+            log.info("next public key " + ("published" if changes[NEXT_KEY_ANNOTATION]
+                                           else "withdrawn"),
+                     extra={"node": self.node_name, "public_key": changes[NEXT_KEY_ANNOTATION]})
+        # The watch echoes it back; don't re-send before it had a chance. A rotation's
+        # status changes often: at most one write of it every half second.
+        return 0.5
 
     # -- health -----------------------------------------------------------------------
 
@@ -317,8 +382,3 @@ class Agent:
         threading.Thread(target=self._http.serve_forever, name="health", daemon=True).start()
 
 
-def _mtime(path: Path) -> float | None:
-    try:
-        return path.stat().st_mtime
-    except OSError:
-        return None

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from wgmanager import __version__, config
@@ -20,7 +20,7 @@ from wgmanager.core.mesh import LocalNodeError
 from wgmanager.core.model import IPNetwork
 from wgmanager.errors import ConfigError, WgmError
 from wgmanager.logs import setup_logging
-from wgmanager.wireguard.backend import BackendMode
+from wgmanager.wireguard.backend import BackendMode, WireGuardBackend
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,7 +63,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds between full reconciles without events")
     g.add_argument("--debounce", type=float, default=0.1,
                    help="seconds to gather a burst of node events into one reconcile")
+    g.add_argument("--fail-mode", choices=["closed", "open"], default="closed",
+                   help="traffic to a remote pod CIDR whose peer is not ready: closed drops "
+                        "it (default), open lets it take the CNI's path unencrypted")
+    g.add_argument("--key-rotation-interval", type=parse_duration, default=0.0,
+                   metavar="DURATION",
+                   help="rotate this node's key on a schedule, e.g. 720h or 30d (default: "
+                        "off); nodes spread over the last 20%% of the interval")
+    g.add_argument("--key-rotation-timeout", type=parse_duration, default=300.0,
+                   metavar="DURATION",
+                   help="roll a rotation back if peers have not switched by then (default "
+                        "5m)")
+    g.add_argument("--test-crash-at", default="", help=argparse.SUPPRESS)
     _node_flags(g)
+
+    r = sub.add_parser("rotate-keys", help="rotate WireGuard keys without losing traffic "
+                                           "(through the Kubernetes API)")
+    which = r.add_mutually_exclusive_group(required=True)
+    which.add_argument("nodes", nargs="*", default=[], metavar="NODE",
+                       help="the nodes to rotate")
+    which.add_argument("--all", action="store_true", help="every node that runs an agent")
+    r.add_argument("--max-concurrent", type=int, default=1, metavar="K",
+                   help="nodes rotating at the same time (default %(default)s)")
+    r.add_argument("--wait", dest="wait", action="store_true", default=True,
+                   help="wait until every node runs on its new key (the default)")
+    r.add_argument("--no-wait", dest="wait", action="store_false",
+                   help="return once every agent has accepted the request")
+    r.add_argument("--timeout", type=parse_duration, default=600.0, metavar="DURATION",
+                   help="give up after this long (default 10m)")
+    r.add_argument("--kubeconfig", type=Path, default=_env_path("KUBECONFIG"),
+                   help="kubeconfig file (default: $KUBECONFIG, else in-cluster config)")
 
     st = sub.add_parser("status", help="show this node's WireGuard device, peers and datapath")
     st.add_argument("--json", action="store_true", help="stable machine-readable output")
@@ -116,6 +145,9 @@ def _node_flags(p: argparse.ArgumentParser) -> None:
                    help="WireGuard interface name (default %(default)s)")
     p.add_argument("--listen-port", type=int, default=None,
                    help="WireGuard UDP port (default: the mesh's, else 51820)")
+    p.add_argument("--rotation-listen-port", type=int, default=None,
+                   help="UDP port of the second device a key rotation runs (default: "
+                        "listen port + 1); open it between nodes too")
     p.add_argument("--mtu", type=int, default=None,
                    help="WireGuard MTU (default: uplink MTU - 60 for IPv4, - 80 for IPv6)")
     p.add_argument("--backend", type=BackendMode, choices=list(BackendMode),
@@ -139,19 +171,64 @@ def settings_from(args: argparse.Namespace, node_name: str,
         raise ConfigError(f"--mtu {args.mtu} is out of range (576-65535)")
     if not 1 <= listen_port <= 65535:
         raise ConfigError(f"--listen-port {listen_port} is out of range (1-65535)")
-    if len(args.interface) > 15:
-        raise ConfigError(f"--interface {args.interface!r} is longer than 15 characters")
+    if len(args.interface) > config.MAX_IFNAME:
+        raise ConfigError(f"--interface {args.interface!r} is longer than {config.MAX_IFNAME}"
+                          " characters (key rotation's second device appends one)")
+    rotation_port = args.rotation_listen_port
+    if rotation_port is not None and not 1 <= rotation_port <= 65535:
+        raise ConfigError(f"--rotation-listen-port {rotation_port} is out of range (1-65535)")
+    if (rotation_port or listen_port + 1) in (listen_port, 65536):
+        raise ConfigError("key rotation needs a second port: set --rotation-listen-port to a "
+                          "port other than --listen-port")
+    rotation = config.RotationSettings()
+    if getattr(args, "key_rotation_interval", None) is not None:
+        if args.key_rotation_timeout <= 0:
+            raise ConfigError("--key-rotation-timeout must be positive, e.g. 5m")
+        from wgmanager.keyrotation import CRASH_POINTS
+
+        if args.test_crash_at and args.test_crash_at not in CRASH_POINTS:
+            raise ConfigError(f"--test-crash-at must be one of {', '.join(CRASH_POINTS)}")
+        rotation = config.RotationSettings(interval=args.key_rotation_interval,
+                                           timeout=args.key_rotation_timeout,
+                                           crash_at=args.test_crash_at)
     return config.NodeSettings(
         node_name=node_name,
         state_dir=args.state_dir,
         wireguard=config.WireGuardSettings(
             ifname=args.interface, listen_port=listen_port, mtu=args.mtu,
             backend=args.backend, socket_dir=args.socket_dir,
-            spawn_userspace=args.spawn_userspace),
+            spawn_userspace=args.spawn_userspace, rotation_port=rotation_port),
         datapath=config.DatapathSettings(
             pin_dir=args.pin_dir, max_cidrs=args.max_cidrs, uplink=args.uplink,
             pod_interfaces=args.pod_interfaces),
+        rotation=rotation,
     )
+
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from "90", "45s", "10m", "720h" or "30d"; "0" or "off" is 0 (disabled)."""
+    t = text.strip().lower()
+    if t in ("0", "off", ""):
+        return 0.0
+    unit = _UNITS.get(t[-1])
+    number = t[:-1] if unit is not None else t
+    try:
+        value = float(number) * (unit or 1.0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration (e.g. 90s, 10m, 720h, "
+                                         "30d)") from None
+    if value < 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive duration")
+    return value
+
+
+def _backends(settings: config.NodeSettings) -> Callable[[str], WireGuardBackend]:
+    from wgmanager.wireguard.select import select_backend
+
+    return lambda ifname: select_backend(settings.wireguard, ifname)
 
 
 def cmd_pubkey(args: argparse.Namespace) -> int:
@@ -166,22 +243,23 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
     from wgmanager import meshfile
     from wgmanager.node import NodeReconciler
-    from wgmanager.wireguard.select import select_backend
 
     mesh = meshfile.load(args.mesh)
     mesh_config = mesh.config
     if args.listen_port is not None:
         mesh_config = replace(mesh_config, listen_port=args.listen_port)
     settings = settings_from(args, args.node_name, mesh_config.listen_port)
-    reconciler = NodeReconciler(settings, select_backend(settings.wireguard), mesh_config)
+    reconciler = NodeReconciler(settings, _backends(settings), mesh_config)
     try:
-        result = reconciler.reconcile(mesh.nodes)
+        # A static mesh file cannot carry a rotation; a node that rotated under an agent
+        # before keeps its current slot (key and device).
+        result = reconciler.reconcile(mesh.nodes, reconciler.keystore.load_rotation())
     finally:
         reconciler.close()
     summary = {
         "node": settings.node_name,
         "backend": reconciler.backend.kind.value,
-        "interface": settings.wireguard.ifname,
+        "interface": reconciler.backend.ifname,
         "public_key": result.device.public_key.base64() if result.device.public_key else None,
         "peers": len(result.device.peers),
         "peer_ops": len(result.peer_ops),
@@ -203,7 +281,6 @@ def cmd_agent(args: argparse.Namespace) -> int:
     from wgmanager.kube.events import EventRecorder
     from wgmanager.metrics import AgentMetrics
     from wgmanager.node import NodeReconciler
-    from wgmanager.wireguard.select import select_backend
 
     if not args.node_name:
         raise ConfigError("no node name: pass --node-name or set NODE_NAME (the Helm chart "
@@ -214,9 +291,14 @@ def cmd_agent(args: argparse.Namespace) -> int:
     if args.resync_interval <= 0 or args.debounce < 0:
         raise ConfigError("--resync-interval must be > 0 and --debounce >= 0")
     mesh_config = MeshConfig(listen_port=port, persistent_keepalive=args.persistent_keepalive,
-                             cluster_cidrs=parse_cidrs(args.cluster_cidrs, "--cluster-cidrs"))
+                             cluster_cidrs=parse_cidrs(args.cluster_cidrs, "--cluster-cidrs"),
+                             fail_closed=args.fail_mode == "closed")
     settings = settings_from(args, args.node_name, port)
-    if not mesh_config.cluster_cidrs:
+    if not mesh_config.fail_closed:
+        logging.getLogger("wgmanager.agent").warning(
+            "--fail-mode open: pod traffic to a node whose peer is not ready leaves "
+            "unencrypted; use it only where availability matters more than confidentiality")
+    elif not mesh_config.cluster_cidrs:
         logging.getLogger("wgmanager.agent").warning(
             "no --cluster-cidrs: traffic to a pod CIDR no node claims (a deleted node's, a new "
             "node's before its key) follows the CNI's route in plaintext; set the cluster's "
@@ -225,7 +307,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
     nodes_api = NodesAPI(api_client)
     metrics = AgentMetrics(per_peer=args.metrics_per_peer) if args.metrics_port else None
     agent = Agent(
-        reconciler=NodeReconciler(settings, select_backend(settings.wireguard), mesh_config),
+        reconciler=NodeReconciler(settings, _backends(settings), mesh_config),
         nodes_api=nodes_api,
         timing=AgentTiming(debounce=args.debounce, resync_interval=args.resync_interval),
         health=(HealthSettings(args.health_address, args.health_port)
@@ -268,7 +350,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     from wgmanager.core.model import MeshConfig
     from wgmanager.kube.client import KubeError, NodesAPI, load_api
     from wgmanager.kube.translate import node_spec
-    from wgmanager.wireguard.select import select_backend
 
     port = args.listen_port or config.DEFAULT_LISTEN_PORT
     settings = settings_from(args, args.node_name or "", port)
@@ -281,7 +362,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             nodes = [node_spec(item) for item in items]
         except (KubeError, ConfigError) as e:
             api_error = f"cannot compare with the API: {e}"
-    doc = status.collect(settings, select_backend(settings.wireguard), nodes=nodes,
+    doc = status.collect(settings, _backends(settings), nodes=nodes,
                          mesh_config=MeshConfig(listen_port=port))
     if api_error:
         doc["errors"].append(api_error)
@@ -308,19 +389,30 @@ def cmd_wireguard_go_supervisor(args: argparse.Namespace) -> int:
     return supervisor.run(args)
 
 
+def cmd_rotate_keys(args: argparse.Namespace) -> int:
+    from wgmanager.kube.client import NodesAPI, load_api
+    from wgmanager.rotate_keys import rotate
+
+    if args.all == bool(args.nodes):
+        raise ConfigError("name the nodes to rotate, or pass --all (not both)")
+    api = NodesAPI(load_api(args.kubeconfig), request_timeout=10.0)
+    return rotate(api, None if args.all else args.nodes, max_concurrent=args.max_concurrent,
+                  wait=args.wait, timeout=args.timeout)
+
+
 def cmd_teardown(args: argparse.Namespace) -> int:
     from wgmanager.node import teardown
-    from wgmanager.wireguard.select import select_backend
 
     settings = settings_from(args, "", args.listen_port or config.DEFAULT_LISTEN_PORT)
-    for line in teardown(settings, select_backend(settings.wireguard)):
+    for line in teardown(settings, _backends(settings)):
         print(line)
     return 0
 
 
 COMMANDS = {"pubkey": cmd_pubkey, "apply": cmd_apply, "agent": cmd_agent,
             "status": cmd_status, "doctor": cmd_doctor, "lab": cmd_lab,
-            "teardown": cmd_teardown, "wireguard-go-supervisor": cmd_wireguard_go_supervisor}
+            "teardown": cmd_teardown, "rotate-keys": cmd_rotate_keys,
+            "wireguard-go-supervisor": cmd_wireguard_go_supervisor}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,6 +12,7 @@ from wgmanager.core.model import IPNetwork
 from wgmanager.wireguard.backend import BackendMode
 
 DEFAULT_IFNAME = "wgm0"
+MAX_IFNAME = 14  # IFNAMSIZ - 1 is 15; key rotation's second device appends one letter
 DEFAULT_LISTEN_PORT = 51820
 DEFAULT_STATE_DIR = Path("/var/lib/wgmanager")
 DEFAULT_PIN_DIR = Path("/sys/fs/bpf/wgmanager")
@@ -33,6 +34,18 @@ class WireGuardSettings:
     backend: BackendMode = BackendMode.AUTO
     socket_dir: Path = DEFAULT_SOCKET_DIR
     spawn_userspace: bool = True  # False when a wireguard-go sidecar owns the process
+    # Key rotation runs a second device (slot 1) beside the first (slot 0) on this port;
+    # None: listen_port + 1. Both ports must be open between nodes.
+    rotation_port: int | None = None
+
+    def ifname_for(self, slot: int) -> str:
+        """Slot 0 is the configured interface; slot 1 (key rotation) appends "r"."""
+        return self.ifname if slot == 0 else f"{self.ifname}r"
+
+    def port_for(self, slot: int) -> int:
+        if slot == 0:
+            return self.listen_port
+        return self.rotation_port if self.rotation_port is not None else self.listen_port + 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,11 +58,20 @@ class DatapathSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class RotationSettings:
+    interval: float = 0.0  # seconds between scheduled rotations per node; 0 = never
+    timeout: float = 300.0  # peers must switch within this, else the rotation rolls back
+    poll_interval: float = 0.25  # how often a rotating node looks for peer handshakes
+    crash_at: str = ""  # test hook (--test-crash-at): SIGKILL the agent at this step
+
+
+@dataclass(frozen=True, slots=True)
 class NodeSettings:
     node_name: str
     state_dir: Path = DEFAULT_STATE_DIR
     wireguard: WireGuardSettings = field(default_factory=WireGuardSettings)
     datapath: DatapathSettings = field(default_factory=DatapathSettings)
+    rotation: RotationSettings = field(default_factory=RotationSettings)
 
 
 def wireguard_mtu(uplink_mtu: int, underlay_version: int) -> int:

@@ -23,11 +23,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from wgmanager.core.keys import KEY_LEN, InvalidKey, PrivateKey
+from wgmanager.core.rotation import RotationState, StateError
 from wgmanager.errors import KeyStoreError
 
 logger = logging.getLogger(__name__)
 
 MAIN_KEY = "private.key"
+ROTATION_STATE = "rotation.json"
+
+
+def slot_key(slot: int) -> str:
+    """The key file of a rotation slot (wgmanager.core.rotation): slot 0 is the main key."""
+    return MAIN_KEY if slot == 0 else f"private-{slot}.key"
 _MAX_FILE_BYTES = 4096  # a key file is 45 bytes; anything near this is not a key file
 _FIX = "run as root or point --state-dir at a writable directory"
 
@@ -62,28 +69,29 @@ class KeyStore:
     def path(self) -> Path:
         return self._dir / MAIN_KEY
 
-    def load_or_create(self) -> LoadResult:
-        """Return the main key, generating one if missing and replacing one that is corrupt."""
+    def load_or_create(self, name: str = MAIN_KEY) -> LoadResult:
+        """Return the key in ``name``, generating one if missing and replacing a corrupt one."""
         self._ensure_dir()
+        path = self._dir / _check_name(name)
         try:
-            key = self._read_key(MAIN_KEY)
+            key = self._read_key(name)
         except FileNotFoundError:
             key = PrivateKey.generate()
-            self.write(key)
+            self.write(key, name=name)
             logger.info(
                 "generated a new private key",
-                extra={"path": str(self.path), "public_key": key.public_key.base64()},
+                extra={"path": str(path), "public_key": key.public_key.base64()},
             )
             return LoadResult(key, created=True, recovered_from=None)
         except _CorruptKey as exc:
-            aside = self._move_aside(self.path)
+            aside = self._move_aside(path)
             key = PrivateKey.generate()
-            self.write(key)
+            self.write(key, name=name)
             logger.warning(
                 "private key file was corrupt: moved it aside and generated a new key; "
                 "peers need the new public key, which the agent republishes",
                 extra={
-                    "path": str(self.path),
+                    "path": str(path),
                     "moved_to": str(aside),
                     "reason": str(exc),
                     "public_key": key.public_key.base64(),
@@ -92,7 +100,7 @@ class KeyStore:
             return LoadResult(key, created=True, recovered_from=aside)
         logger.debug(
             "loaded the private key",
-            extra={"path": str(self.path), "public_key": key.public_key.base64()},
+            extra={"path": str(path), "public_key": key.public_key.base64()},
         )
         return LoadResult(key, created=False, recovered_from=None)
 
@@ -110,9 +118,85 @@ class KeyStore:
 
     def write(self, key: PrivateKey, *, name: str = MAIN_KEY) -> None:
         """Atomically replace ``name`` with ``key`` (mode 0600, durable once this returns)."""
-        target = self._dir / _check_name(name)
+        self._write_atomic(_check_name(name), (key.export_base64() + "\n").encode("ascii"))
+
+    def exists(self, name: str) -> bool:
+        return os.path.lexists(self._dir / _check_name(name))
+
+    def mtime(self, name: str = MAIN_KEY) -> float | None:
+        """When ``name`` was written (a key's age), None if there is no such file."""
+        try:
+            return os.stat(self._dir / _check_name(name)).st_mtime
+        except OSError:
+            return None
+
+    def destroy(self, name: str) -> bool:
+        """Overwrite ``name`` with zeros, then remove it; True if there was a file.
+
+        Used for a retired key once no peer needs it. The overwrite is best effort (a
+        copy-on-write or journalling filesystem may keep old blocks), the unlink is not.
+        """
+        path = self._dir / _check_name(name)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            return False
+        except OSError:
+            fd = None  # not a writable regular file: still remove it
+        if fd is not None:
+            try:
+                size = os.fstat(fd).st_size
+                os.write(fd, bytes(min(size, _MAX_FILE_BYTES)))
+                os.fsync(fd)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+        try:
+            os.unlink(path)
+            _fsync_dir(self._dir)
+        except OSError as exc:
+            raise KeyStoreError(f"cannot remove key file {path}: {exc.strerror}; {_FIX}") from None
+        return True
+
+    def read_state(self, name: str) -> str | None:
+        """A small state file kept beside the keys (e.g. the rotation state), or None."""
+        try:
+            return (self._dir / _check_name(name)).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise KeyStoreError(f"cannot read {self._dir / name}: {exc.strerror}; {_FIX}") from None
+
+    def write_state(self, name: str, text: str) -> None:
+        """Atomically replace a state file: a crash leaves the old content or the new."""
+        self._ensure_dir()
+        self._write_atomic(_check_name(name), text.encode("utf-8"))
+
+    def load_rotation(self) -> RotationState:
+        """The persisted key rotation state; none means a node that never rotated."""
+        text = self.read_state(ROTATION_STATE)
+        if text is None:
+            return RotationState(slot=self._only_slot())
+        try:
+            return RotationState.from_json(text)
+        except StateError as e:
+            slot = self._only_slot()
+            logger.error("key rotation state is unreadable; continuing on the only usable key "
+                         "slot (an unfinished rotation is abandoned)",
+                         extra={"error": str(e), "slot": slot, "path": str(self._dir)})
+            return RotationState(slot=slot)
+
+    def save_rotation(self, state: RotationState) -> None:
+        self.write_state(ROTATION_STATE, state.to_json())
+
+    def _only_slot(self) -> int:
+        return 1 if self.exists(slot_key(1)) and not self.exists(slot_key(0)) else 0
+
+    def _write_atomic(self, name: str, content: bytes) -> None:
+        target = self._dir / name
         tmp = self._dir / f".{name}.{secrets.token_hex(6)}.tmp"
-        data = memoryview((key.export_base64() + "\n").encode("ascii"))
+        data = memoryview(content)
         fd: int | None = None
         replaced = False
         try:
@@ -132,7 +216,7 @@ class KeyStore:
             if not replaced:
                 tmp.unlink(missing_ok=True)
             raise KeyStoreError(
-                f"could not write key file {target}: {exc.strerror or type(exc).__name__}; {_FIX}"
+                f"could not write {target}: {exc.strerror or type(exc).__name__}; {_FIX}"
             ) from None
 
     def _ensure_dir(self) -> None:

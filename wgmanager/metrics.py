@@ -45,7 +45,8 @@ class LiveSources:
     key_mtime: Callable[[], float | None]
     watch: Callable[[], WatchHealth]
     backend: str
-    interface: str
+    interface: Callable[[], str]  # changes with each key rotation (two devices alternate)
+    rotation_phase: Callable[[], str] = lambda: "idle"
 
 
 class AgentMetrics:
@@ -67,6 +68,13 @@ class AgentMetrics:
                                 "applied", ["op"], registry=r)
         self.map_ops = Counter("wgmanager_datapath_map_operations",
                                "eBPF CIDR map entries written or deleted", ["op"], registry=r)
+        self.key_rotations = Counter("wgmanager_key_rotations", "Key rotations that ended, "
+                                     "by result (completed, rolled_back)", ["result"],
+                                     registry=r)
+        self.key_rotation_duration = Histogram(
+            "wgmanager_key_rotation_duration_seconds",
+            "From a key rotation's start to its end (all peers on the new key, or rolled back)",
+            registry=r, buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600))
 
     def attach(self, sources: LiveSources) -> None:
         self.registry.register(_LiveCollector(sources, self.per_peer))
@@ -84,8 +92,15 @@ class _LiveCollector(Collector):
         now = time.time()
         info = GaugeMetricFamily("wgmanager_info", "Agent build and device",
                                  labels=["version", "backend", "interface"])
-        info.add_metric([__version__, self.src.backend, self.src.interface], 1)
+        info.add_metric([__version__, self.src.backend, self.src.interface()], 1)
         yield info
+        phase = GaugeMetricFamily("wgmanager_key_rotation_phase",
+                                  "1 for the key rotation phase the node is in",
+                                  labels=["phase"])
+        current = self.src.rotation_phase()
+        for name in ("idle", "prepare", "switch", "rollback"):
+            phase.add_metric([name], 1 if current == name else 0)
+        yield phase
         watch = self.src.watch()
         yield GaugeMetricFamily("wgmanager_kube_watch_up", "1 while the Node list/watch runs "
                                 "without error", value=1 if watch.healthy else 0)

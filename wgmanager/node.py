@@ -5,10 +5,15 @@ never lets pod traffic out in plaintext:
 
 1. the program's pinned maps get fail-closed entries (every remote CIDR is DROP until its
    peer exists) before any program is attached;
-2. the device, its key and its link settings are ensured, and the map learns its ifindex;
+2. the device, its key and its link settings are ensured, and the map learns its ifindex
+   (two devices while the node rotates its key: see wgmanager.core.rotation);
 3. the programs are attached (or atomically replaced, after a restart);
 4. peers are changed incrementally, the device is read back, and only CIDRs whose peer the
    device really holds become REDIRECT.
+
+Step 1 only closes: it adds entries and downgrades ones that must stop redirecting, but
+never re-targets a working redirect (a key change on a peer, the end of a rotation), which
+waits for step 4, once the device and peer it needs are in place.
 
 Every step reads live state and writes only differences, so a repeat run (an agent restart)
 changes nothing and drops nothing. The Kubernetes agent and `wgmanager apply` both use it.
@@ -18,20 +23,48 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from pyroute2 import IPRoute
 
 from wgmanager.config import NodeSettings, wireguard_mtu
 from wgmanager.core.keys import PrivateKey, PublicKey
 from wgmanager.core.mesh import Mesh, compute_mesh, datapath_map
-from wgmanager.core.model import DeviceState, Endpoint, MeshConfig, NodeSpec
-from wgmanager.core.plan import MapPlan, PeerOp, adopt_roamed_endpoints, plan_map, plan_peers
+from wgmanager.core.model import (
+    DeviceState,
+    Endpoint,
+    IPNetwork,
+    MeshConfig,
+    NodeSpec,
+    PeerState,
+)
+from wgmanager.core.plan import (
+    AddPeer,
+    MapPlan,
+    PeerOp,
+    UpdatePeer,
+    adopt_roamed_endpoints,
+    plan_fail_closed,
+    plan_map,
+    plan_peers,
+)
+from wgmanager.core.rotation import (
+    SLOTS,
+    Progress,
+    RotationState,
+    confirmed,
+    layout,
+    progress,
+    published,
+    routes,
+)
 from wgmanager.datapath import links
 from wgmanager.datapath.bpf import Hook, Program, attachments, detach
 from wgmanager.datapath.maps import DeviceConfig, PinnedMaps
 from wgmanager.errors import ConfigError, DatapathError
-from wgmanager.keystore import KeyStore
+from wgmanager.keystore import KeyStore, slot_key
 from wgmanager.wireguard.backend import DeviceSettings, WireGuardBackend
 
 log = logging.getLogger(__name__)
@@ -45,19 +78,31 @@ class ReconcileResult:
     device: DeviceState
     attached: tuple[str, ...] = field(default=())
     seconds: float = 0.0
+    alt_device: DeviceState | None = None  # the second device while rotating the key
+    rotation: Progress | None = None  # peers confirmed so far (SWITCH and ROLLBACK)
 
 
 class NodeReconciler:
-    def __init__(self, settings: NodeSettings, backend: WireGuardBackend,
+    """Applies the mesh to this node's device(s) and datapath.
+
+    ``backends`` makes the backend for an interface name: there is one device normally and
+    two while the node rotates its key (``wgmanager.core.rotation``), each with its own key
+    file, port and interface name, given by the rotation slot.
+    """
+
+    def __init__(self, settings: NodeSettings, backends: Callable[[str], WireGuardBackend],
                  mesh_config: MeshConfig) -> None:
         self.settings = settings
-        self.backend = backend
         self.mesh_config = mesh_config
-        self._key: PrivateKey | None = None
+        self.keystore = KeyStore(settings.state_dir)
+        self._make_backend = backends
+        self._backends: dict[str, WireGuardBackend] = {}
+        self._keys: dict[int, PrivateKey] = {}
+        self._rotation = RotationState()
         self._program: Program | None = None
         self._previous: Mesh | None = None
         self._attached: set[tuple[str, Hook]] = set()
-        self._written_endpoints: dict[PublicKey, Endpoint] = {}
+        self._written_endpoints: dict[str, dict[PublicKey, Endpoint]] = {}
 
     def datapath_exists(self) -> bool:
         """Whether this node's maps are pinned (any earlier start loaded the datapath)."""
@@ -69,10 +114,55 @@ class NodeReconciler:
         return self._previous
 
     @property
+    def rotation(self) -> RotationState:
+        """The rotation state reconciles apply (``wgmanager.keyrotation`` keeps it)."""
+        return self._rotation
+
+    @rotation.setter
+    def rotation(self, state: RotationState) -> None:
+        self._rotation = state
+
+    def backend_for(self, slot: int) -> WireGuardBackend:
+        ifname = self.settings.wireguard.ifname_for(slot)
+        if ifname not in self._backends:
+            self._backends[ifname] = self._make_backend(ifname)
+        return self._backends[ifname]
+
+    @property
+    def backend(self) -> WireGuardBackend:
+        """The device traffic goes to: the one with the key peers know us by."""
+        return self.backend_for(layout(self._rotation).current)
+
+    def key_for(self, slot: int) -> PrivateKey:
+        if slot not in self._keys:
+            self._keys[slot] = self.keystore.load_or_create(slot_key(slot)).key
+        return self._keys[slot]
+
+    @property
     def private_key(self) -> PrivateKey:
-        if self._key is None:
-            self._key = KeyStore(self.settings.state_dir).load_or_create().key
-        return self._key
+        """The key this node publishes as its own."""
+        return self.key_for(published(self._rotation).slot)
+
+    def interfaces(self) -> tuple[str, ...]:
+        """The WireGuard interfaces the current rotation state needs."""
+        return tuple(self.settings.wireguard.ifname_for(s) for s in layout(self._rotation).slots)
+
+    def retire_slot(self, slot: int) -> list[str]:
+        """Deletes a slot's device and destroys its key (a finished or abandoned rotation).
+
+        Only valid when nothing routes to the slot any more: the caller reconciled the state
+        that no longer includes it first.
+        """
+        done: list[str] = []
+        backend = self.backend_for(slot)
+        if backend.device_exists():
+            backend.delete_device()
+            done.append(f"deleted device {backend.ifname}")
+        self._written_endpoints.pop(backend.ifname, None)
+        self._keys.pop(slot, None)
+        if self.keystore.destroy(slot_key(slot)):
+            done.append(f"destroyed key {slot_key(slot)}")
+        return done
 
     def load_datapath(self) -> Program:
         """Compiles and loads the program onto the (possibly existing) pinned maps."""
@@ -81,37 +171,42 @@ class NodeReconciler:
             self._program = Program(pin_dir=dp.pin_dir, max_cidrs=dp.max_cidrs)
         return self._program
 
-    def reconcile(self, specs: Iterable[NodeSpec]) -> ReconcileResult:
+    def reconcile(self, specs: Iterable[NodeSpec],
+                  rotation: RotationState | None = None) -> ReconcileResult:
         started = time.monotonic()
-        key = self.private_key
-        mesh = compute_mesh(local_name=self.settings.node_name, local_key=key.public_key,
+        if rotation is not None:
+            self._rotation = rotation
+        rot = self._rotation
+        lay = layout(rot)
+        mesh = compute_mesh(local_name=self.settings.node_name,
+                            local_key=self.private_key.public_key,
                             specs=specs, config=self.mesh_config, previous=self._previous)
+        remote = list(mesh.nodes.values())
         program = self.load_datapath()
         wg = self.settings.wireguard
+        cur = self.backend_for(lay.current)
+        alt = self.backend_for(lay.alt) if lay.alt is not None else None
         with PinnedMaps(self.settings.datapath.pin_dir) as maps, links.iproute() as ipr:
-            # 1. Fail closed first: against the device as it is (maybe absent), every remote
-            #    CIDR without a configured peer is DROP before anything is attached.
-            before = self.backend.read() if self.backend.device_exists() else _empty(wg.ifname)
-            maps.apply(plan_map(datapath_map(mesh, before, self.mesh_config), maps.read_cidrs()))
+            # 1. Fail closed first: against the device(s) as they are (maybe absent), every
+            #    remote CIDR without a configured peer is DROP before anything is attached.
+            before = _read(cur)
+            before_alt = _read(alt) if alt is not None else None
+            steer = routes(rot, remote, confirmed(rot, remote, before, before_alt))
+            maps.apply(plan_fail_closed(
+                datapath_map(mesh, before, self.mesh_config, alt=before_alt, routes=steer,
+                             any_key=True),
+                maps.read_cidrs()))
 
-            # 2. Device, key, link.
-            self.backend.ensure_device()
-            self.backend.configure(DeviceSettings(key, wg.listen_port, wg.fwmark))
+            # 2. Devices (one per slot the rotation state needs), keys, links.
             local_addr = mesh.local.addresses[0]
             uplink = (links.get_link(ipr, self.settings.datapath.uplink)
                       if self.settings.datapath.uplink else links.uplink_for(ipr, local_addr))
             if uplink is None:
                 raise ConfigError(f"uplink {self.settings.datapath.uplink!r} not found")
             mtu = wg.mtu or wireguard_mtu(uplink.mtu, local_addr.version)
-            wg_link = links.ensure_up(ipr, wg.ifname, mtu=mtu)
-            self._ensure_sysctls(wg.ifname, mesh)
-            ipv4 = next((a for a in mesh.local.addresses if a.version == 4), None)
-            if ipv4 is not None:
-                # The kernel's reverse-path check fails on a device with no IPv4 address, which
-                # would drop every decrypted IPv4 packet; the node's own address as a /32 (no
-                # prefix route, no new reachability) satisfies it.
-                links.ensure_address(ipr, wg.ifname, ipv4)
-            cfg = DeviceConfig(wg_link.index, wg.listen_port, mtu)
+            ifindex = {slot: self._ensure_device(ipr, slot, mtu, mesh) for slot in lay.slots}
+            cfg = DeviceConfig(ifindex[lay.current], wg.port_for(lay.current), mtu,
+                               ifindex[lay.alt] if lay.alt is not None else 0)
             if maps.read_config() != cfg:
                 maps.write_config(cfg)
 
@@ -136,28 +231,75 @@ class NodeReconciler:
                     continue
                 self._attached.add((name, hook))
 
-            # 4. Peers, then REDIRECT only for what the device really holds.
-            actual = adopt_roamed_endpoints(mesh.peers, self.backend.read().peers,
-                                            self._written_endpoints)
-            ops = plan_peers(mesh.peers, actual)
-            self.backend.apply(ops)
-            self._written_endpoints = {k: p.endpoint for k, p in mesh.peers.items()
-                                       if p.endpoint is not None}
-            device = self.backend.read()
-            map_plan = plan_map(datapath_map(mesh, device, self.mesh_config), maps.read_cidrs())
+            # 4. Peers (the same on every device), then redirects only into devices that
+            #    really hold the peer.
+            ops: list[PeerOp] = []
+            for backend in (cur, alt):
+                if backend is not None:
+                    ops += self._apply_peers(backend, mesh, initiate=backend is cur)
+            device = cur.read()
+            alt_device = alt.read() if alt is not None else None
+            done = confirmed(rot, remote, device, alt_device)
+            map_plan = plan_map(
+                datapath_map(mesh, device, self.mesh_config, alt=alt_device,
+                             routes=routes(rot, remote, done)),
+                maps.read_cidrs())
             maps.apply(map_plan)
         self._previous = mesh
         for rej in mesh.rejected.values():
             log.log(logging.INFO if rej.pending else logging.WARNING, "node gets no peer",
                     extra={"node": rej.name, "reason": rej.reason})
-        result = ReconcileResult(mesh, tuple(ops), map_plan, device,
-                                 tuple(f"{n}/{h.value}" for n, h in targets),
-                                 time.monotonic() - started)
+        result = ReconcileResult(
+            mesh, tuple(ops), map_plan, device,
+            tuple(f"{n}/{h.value}" for n, h in targets), time.monotonic() - started,
+            alt_device, progress(remote, done) if rot.rotation is not None else None)
         log.info("reconciled", extra={"peers": len(device.peers), "peer_ops": len(ops),
                                       "map_upserts": len(map_plan.upserts),
                                       "map_deletes": len(map_plan.deletes),
-                                      "rejected": len(mesh.rejected)})
+                                      "rejected": len(mesh.rejected),
+                                      "key_rotation": rot.phase})
         return result
+
+    def _ensure_device(self, ipr: IPRoute, slot: int, mtu: int, mesh: Mesh) -> int:
+        """Creates and configures one slot's device; returns its ifindex."""
+        wg = self.settings.wireguard
+        backend = self.backend_for(slot)
+        backend.ensure_device()
+        backend.configure(DeviceSettings(self.key_for(slot), wg.port_for(slot), wg.fwmark))
+        link = links.ensure_up(ipr, backend.ifname, mtu=mtu)
+        self._ensure_sysctls(backend.ifname, mesh)
+        ipv4 = next((a for a in mesh.local.addresses if a.version == 4), None)
+        if ipv4 is not None:
+            # The kernel's reverse-path check fails on a device with no IPv4 address, which
+            # would drop every decrypted IPv4 packet; the node's own address as a /32 (no
+            # prefix route, no new reachability) satisfies it.
+            links.ensure_address(ipr, backend.ifname, ipv4)
+        return link.index
+
+    def _apply_peers(self, backend: WireGuardBackend, mesh: Mesh, *,
+                     initiate: bool) -> list[PeerOp]:
+        have = backend.read().peers
+        written = self._written_endpoints.get(backend.ifname, {})
+        ops = plan_peers(mesh.peers, adopt_roamed_endpoints(mesh.peers, have, written))
+        backend.apply(ops)
+        self._written_endpoints[backend.ifname] = {
+            k: p.endpoint for k, p in mesh.peers.items() if p.endpoint is not None}
+        if initiate:
+            self._initiate_handshakes(backend, replacing_peers(ops, have))
+        return ops
+
+    @staticmethod
+    def _initiate_handshakes(backend: WireGuardBackend, keys: list[PublicKey]) -> None:
+        """Starts a handshake with each new peer now instead of at its first packet.
+
+        Used when a node's key changed (a rotation): the peer confirms our switch by the
+        handshake, and the rotating node's copies of its traffic through the new device
+        wait for that session. Turning persistent keepalive on sends a keepalive at once in
+        both wireguard-go and the kernel; it is turned back off right after.
+        """
+        for key in keys:
+            backend.apply([UpdatePeer(key, persistent_keepalive=HANDSHAKE_KICK)])
+            backend.apply([UpdatePeer(key, persistent_keepalive=0)])
 
     def _ensure_sysctls(self, ifname: str, mesh: Mesh) -> None:
         # Pods' traffic is forwarded by the node; decrypted packets arrive on the WireGuard
@@ -176,17 +318,38 @@ class NodeReconciler:
             self._program = None
 
 
-def teardown(settings: NodeSettings, backend: WireGuardBackend) -> list[str]:
-    """Removes what wgmanager put on this node (filters, device, pinned maps); keeps the key."""
+HANDSHAKE_KICK = 25  # seconds; any non-zero value makes the device send a keepalive now
+
+
+def replacing_peers(ops: list[PeerOp], before: Mapping[PublicKey, PeerState]) -> list[PublicKey]:
+    """New peers that take allowed IPs from a peer the device already had: a node whose key
+    changed. (Not every new peer: a first sync of thousands would be a handshake storm.)"""
+    held: set[IPNetwork] = set()
+    for peer in before.values():
+        held |= peer.allowed_ips
+    return [op.peer.public_key for op in ops
+            if isinstance(op, AddPeer) and op.peer.persistent_keepalive == 0
+            and op.peer.allowed_ips & held]
+
+
+def _read(backend: WireGuardBackend) -> DeviceState:
+    return backend.read() if backend.device_exists() else _empty(backend.ifname)
+
+
+def teardown(settings: NodeSettings,
+             backends: Callable[[str], WireGuardBackend]) -> list[str]:
+    """Removes what wgmanager put on this node (filters, devices, pinned maps); keeps keys."""
     done: list[str] = []
     with links.iproute() as ipr:
         for link in links.list_links(ipr):
             for att in attachments(ipr, link.ifname):
                 if detach(ipr, link.ifname, att.hook):
                     done.append(f"detached {att.hook.value} from {link.ifname}")
-    if backend.device_exists():
-        backend.delete_device()
-        done.append(f"deleted device {backend.ifname}")
+    for slot in SLOTS:
+        device = backends(settings.wireguard.ifname_for(slot))
+        if device.device_exists():
+            device.delete_device()
+            done.append(f"deleted device {device.ifname}")
     pin_dir: Path = settings.datapath.pin_dir
     if pin_dir.is_dir():
         for pin in sorted(pin_dir.iterdir()):

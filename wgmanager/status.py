@@ -9,7 +9,7 @@ the reason). ``render`` turns that document into a table. Nothing here writes an
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from wgmanager.config import NodeSettings
@@ -17,37 +17,51 @@ from wgmanager.core.keys import PublicKey
 from wgmanager.core.mesh import LocalNodeError, compute_mesh
 from wgmanager.core.model import DeviceState, MeshConfig, NodeSpec, network_sort_key
 from wgmanager.core.plan import configured
+from wgmanager.core.rotation import RotationState, layout
 from wgmanager.datapath import links
 from wgmanager.datapath.bpf import attachments
 from wgmanager.datapath.maps import PinnedMaps
 from wgmanager.errors import WgmError
-from wgmanager.keystore import KeyStore
+from wgmanager.keystore import KeyStore, slot_key
 from wgmanager.wireguard.backend import WireGuardBackend
 
 SCHEMA_VERSION = 1
 RECENT_HANDSHAKE = 180.0  # seconds: WireGuard rekeys every 120 s on an active session
 
 
-def collect(settings: NodeSettings, backend: WireGuardBackend, *,
+def collect(settings: NodeSettings, backends: Callable[[str], WireGuardBackend], *,
             nodes: Iterable[NodeSpec] | None = None,
             mesh_config: MeshConfig | None = None, now: float | None = None) -> dict[str, Any]:
+    """``backends`` gives the backend for an interface name: which device is current
+    depends on the key rotation state (two devices alternate)."""
     now = time.time() if now is None else now
+    store = KeyStore(settings.state_dir)
+    errors: list[str] = []
+    try:
+        rotation = store.load_rotation()
+    except WgmError as e:
+        errors.append(str(e))
+        rotation = RotationState()
+    lay = layout(rotation)
+    ifname = settings.wireguard.ifname_for(lay.current)
+    backend = backends(ifname)
     doc: dict[str, Any] = {"schema": SCHEMA_VERSION, "node": settings.node_name,
-                           "interface": settings.wireguard.ifname,
-                           "backend": backend.kind.value, "errors": []}
+                           "interface": ifname, "backend": backend.kind.value,
+                           "errors": errors}
     device: DeviceState | None = None
     try:
         if backend.device_exists():
             device = backend.read()
         else:
-            doc["errors"].append(f"WireGuard device {settings.wireguard.ifname} is not running")
+            doc["errors"].append(f"WireGuard device {ifname} is not running")
     except WgmError as e:
         doc["errors"].append(str(e))
     doc["public_key"] = device.public_key.base64() if device and device.public_key else None
     doc["listen_port"] = device.listen_port if device else None
-    doc["key"] = _key_info(settings, now)
+    doc["key"] = _key_info(store, rotation, now)
+    doc["key_rotation"] = _rotation_info(settings, rotation, backends, now)
     with links.iproute() as ipr:
-        link = links.get_link(ipr, settings.wireguard.ifname)
+        link = links.get_link(ipr, ifname)
         doc["mtu"] = link.mtu if link else None
         attached = [{"ifname": a.ifname, "hook": a.hook.value}
                     for ln in links.list_links(ipr) for a in attachments(ipr, ln.ifname)]
@@ -67,13 +81,38 @@ def collect(settings: NodeSettings, backend: WireGuardBackend, *,
     return doc
 
 
-def _key_info(settings: NodeSettings, now: float) -> dict[str, Any]:
-    path = KeyStore(settings.state_dir).path
+def _key_info(store: KeyStore, rotation: RotationState, now: float) -> dict[str, Any]:
+    name = slot_key(rotation.slot)
+    mtime = store.mtime(name)
+    return {"path": str(store.state_dir / name),
+            "age_seconds": None if mtime is None else round(now - mtime, 1)}
+
+
+def _rotation_info(settings: NodeSettings, rotation: RotationState,
+                   backends: Callable[[str], WireGuardBackend], now: float) -> dict[str, Any]:
+    """The rotation phase, and while one runs, how far the peers are (from the devices)."""
+    out: dict[str, Any] = {"phase": rotation.phase, "slot": rotation.slot,
+                           "last_request": rotation.last_request or None,
+                           "last_result": rotation.last_result or None,
+                           "last_finished_age_seconds": (round(now - rotation.last_finished, 1)
+                                                         if rotation.last_finished else None)}
+    rot = rotation.rotation
+    if rot is None:
+        return out
+    out.update(request=rot.request, from_slot=rot.from_slot, to_slot=rot.to_slot,
+               running_seconds=round(now - rot.began, 1), reason=rot.reason or None)
+    alt = backends(settings.wireguard.ifname_for(rot.to_slot))
     try:
-        age = now - path.stat().st_mtime
-    except OSError:
-        return {"path": str(path), "age_seconds": None}
-    return {"path": str(path), "age_seconds": round(age, 1)}
+        if alt.device_exists():
+            dev = alt.read()
+            out["new_interface"] = alt.ifname
+            out["new_public_key"] = dev.public_key.base64() if dev.public_key else None
+            out["peers_on_new_key"] = sum(
+                1 for p in dev.peers.values()
+                if p.last_handshake is not None and p.last_handshake >= rot.started)
+    except WgmError as e:
+        out["error"] = str(e)
+    return out
 
 
 def _datapath(settings: NodeSettings, attached: list[dict[str, str]],
@@ -130,7 +169,8 @@ def render(doc: dict[str, Any]) -> str:
     lines = [f"node {doc['node']}  interface {doc['interface']} ({doc['backend']})  "
              f"port {doc['listen_port']}  mtu {doc['mtu']}  "
              f"{'OK' if doc['ok'] else 'DEGRADED'}",
-             f"public key {doc['public_key']}  key age {_age(doc['key']['age_seconds'])}"]
+             f"public key {doc['public_key']}  key age {_age(doc['key']['age_seconds'])}",
+             _render_rotation(doc["key_rotation"])]
     dp = doc["datapath"]
     hooks = ", ".join(f"{a['ifname']}/{a['hook']}" for a in dp["attached"]) or "none"
     lines.append(f"datapath attached: {hooks}")
@@ -160,6 +200,20 @@ def render(doc: dict[str, Any]) -> str:
     for err in doc["errors"]:
         lines.append(f"error: {err}")
     return "\n".join(lines)
+
+
+def _render_rotation(rot: dict[str, Any]) -> str:
+    if rot["phase"] == "idle":
+        if not rot["last_result"]:
+            return "key rotation: idle (never rotated)"
+        return (f"key rotation: idle (last {rot['last_result']}, "
+                f"{_age(rot['last_finished_age_seconds'])})")
+    line = f"key rotation: {rot['phase']} for {rot['running_seconds']:.0f}s"
+    if "peers_on_new_key" in rot:
+        line += f", {rot['peers_on_new_key']} peer(s) on the new key"
+    if rot.get("reason"):
+        line += f" ({rot['reason']})"
+    return line
 
 
 def _age(seconds: float | None) -> str:

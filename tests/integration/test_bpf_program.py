@@ -169,3 +169,27 @@ def test_a_map_update_takes_effect_on_the_next_packet(prog: Loaded) -> None:
     assert prog.verdict(Hook.FROM_POD, pkt) == TC_ACT_SHOT
     prog.fill({**ENTRIES, "10.244.3.0/24": Action.REDIRECT})
     assert prog.verdict(Hook.FROM_POD, pkt) == TC_ACT_REDIRECT
+
+
+def test_rotation_actions_redirect_to_the_device_they_name(prog: Loaded) -> None:
+    """ALT and BOTH (a key rotation) redirect; ALT falls back to the current device when the
+    second one is gone (the end of a rotation), and drops only when there is no device."""
+    pkt = frame("10.244.1.11", "10.244.2.7")
+    for action in (Action.REDIRECT_ALT, Action.REDIRECT_BOTH):
+        prog.fill({**ENTRIES, "10.244.2.0/24": action})
+        # An ifindex that does not exist for the clone: nothing is transmitted by the test.
+        prog.maps.write_config(DeviceConfig(999_999, WG_PORT, 1420, alt_ifindex=1))
+        before = prog.packets(Counter.REDIRECTED)
+        assert prog.verdict(Hook.FROM_POD, pkt) == TC_ACT_REDIRECT
+        assert prog.packets(Counter.REDIRECTED) == before + 1
+        prog.maps.write_config(DeviceConfig(1, WG_PORT, 1420, alt_ifindex=0))
+        assert prog.verdict(Hook.FROM_POD, pkt) == TC_ACT_REDIRECT
+        assert prog.verdict(Hook.TO_UNDERLAY, pkt) == TC_ACT_REDIRECT
+        prog.maps.write_config(DeviceConfig(0, WG_PORT, 1420, alt_ifindex=0))
+        assert prog.verdict(Hook.FROM_POD, pkt) == TC_ACT_SHOT
+
+
+def test_device_config_round_trips_the_second_device(prog: Loaded) -> None:
+    cfg = DeviceConfig(7, WG_PORT, 1420, alt_ifindex=9)
+    prog.maps.write_config(cfg)
+    assert prog.maps.read_config() == cfg

@@ -3,6 +3,7 @@ every test fails before a backend is chosen, or replaces the backend choice."""
 
 from __future__ import annotations
 
+import argparse
 import base64
 import json
 import logging
@@ -14,6 +15,7 @@ import pytest
 
 from wgmanager import __version__, cli, config
 from wgmanager.core.keys import PrivateKey
+from wgmanager.errors import ConfigError
 from wgmanager.wireguard.backend import BackendMode
 
 KEY = "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE="
@@ -150,10 +152,53 @@ def test_apply_interface_name_too_long(tmp_path: Path,
     assert "--interface" in one_error_line(capsys)
 
 
-def test_interface_name_of_15_is_accepted() -> None:
+def test_interface_name_of_14_is_accepted_and_its_rotation_device_fits() -> None:
     args = cli.build_parser().parse_args(["apply", "--mesh", "f", "--node-name", "n",
-                                          "--interface", "a" * 15])
-    assert cli.settings_from(args, "n", 51820).wireguard.ifname == "a" * 15
+                                          "--interface", "a" * 14])
+    wg = cli.settings_from(args, "n", 51820).wireguard
+    assert wg.ifname == "a" * 14
+    assert wg.ifname_for(1) == "a" * 14 + "r"
+    assert len(wg.ifname_for(1)) == 15  # IFNAMSIZ - 1
+
+
+def test_rotation_port_defaults_to_the_next_port_and_must_differ() -> None:
+    args = cli.build_parser().parse_args(["apply", "--mesh", "f", "--node-name", "n"])
+    assert cli.settings_from(args, "n", 51820).wireguard.port_for(1) == 51821
+    args = cli.build_parser().parse_args(["apply", "--mesh", "f", "--node-name", "n",
+                                          "--rotation-listen-port", "51820"])
+    with pytest.raises(ConfigError, match="--rotation-listen-port"):
+        cli.settings_from(args, "n", 51820)
+    args = cli.build_parser().parse_args(["apply", "--mesh", "f", "--node-name", "n"])
+    with pytest.raises(ConfigError, match="second port"):
+        cli.settings_from(args, "n", 65535)
+
+
+@pytest.mark.parametrize(("text", "seconds"), [
+    ("0", 0.0), ("off", 0.0), ("90", 90.0), ("45s", 45.0), ("10m", 600.0),
+    ("720h", 2_592_000.0), ("30d", 2_592_000.0), ("1.5h", 5400.0)])
+def test_durations(text: str, seconds: float) -> None:
+    assert cli.parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["soon", "-5m", "10x", "h", "nan", "inf"])
+def test_bad_durations_are_rejected(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match="duration"):
+        cli.parse_duration(text)
+
+
+def test_agent_rotation_flags_reach_the_settings() -> None:
+    args = cli.build_parser().parse_args([
+        "agent", "--node-name", "n", "--key-rotation-interval", "30d",
+        "--key-rotation-timeout", "2m", "--test-crash-at", "switch-published"])
+    rot = cli.settings_from(args, "n", 51820).rotation
+    assert (rot.interval, rot.timeout, rot.crash_at) == (30 * 86400, 120, "switch-published")
+
+
+def test_rotate_keys_needs_nodes_or_all(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["rotate-keys"])
+    assert exc.value.code == 2
+    assert "NODE --all is required" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("mtu", ["0", "575", "65536", "-1", "100000"])

@@ -10,6 +10,7 @@ wins. So a node that turns bad cannot take traffic away from nodes that were wor
 from __future__ import annotations
 
 import bisect
+import enum
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -80,7 +81,38 @@ def parse_node(spec: NodeSpec) -> Node | Rejected:
         key = PublicKey.from_base64(spec.public_key)
     except InvalidKey as e:
         return Rejected(spec.name, f"public key annotation is invalid: {e}", tuple(cidrs))
-    return Node(spec.name, tuple(addresses), tuple(cidrs), key)
+    try:
+        port = _port(spec.port)
+    except ValueError:
+        return Rejected(spec.name, f"endpoint port annotation {spec.port!r} is not a port "
+                        "number (1-65535)", tuple(cidrs))
+    nxt = _next_key(spec)
+    if nxt is not None:
+        # The node rotates: it already listens with the next key on the next port and keeps
+        # the current key alive until its peers (us) have switched, so switching at once is
+        # always safe. A malformed next key is ignored: the current one keeps working and
+        # the rotating node rolls back when we never confirm.
+        return Node(spec.name, tuple(addresses), tuple(cidrs), nxt[0], nxt[1], rotating=True)
+    return Node(spec.name, tuple(addresses), tuple(cidrs), key, port)
+
+
+def _port(text: str | None) -> int | None:
+    """None when absent (the cluster's port applies); ValueError when not a port number."""
+    if text is None or not text.strip():
+        return None
+    t = text.strip()
+    if not t.isdigit() or not 0 < int(t) < 65536:
+        raise ValueError(t)
+    return int(t)
+
+
+def _next_key(spec: NodeSpec) -> tuple[PublicKey, int | None] | None:
+    if spec.next_public_key is None or not spec.next_public_key.strip():
+        return None
+    try:
+        return PublicKey.from_base64(spec.next_public_key), _port(spec.next_port)
+    except (InvalidKey, ValueError):
+        return None
 
 
 def compute_mesh(
@@ -204,23 +236,58 @@ def _endpoint(node: Node, local: Node, port: int) -> Endpoint | None:
     family = local.addresses[0].version
     for addr in node.addresses:
         if addr.version == family:
-            return Endpoint(addr, port)
+            return Endpoint(addr, node.port or port)
     return None
 
 
-def datapath_map(mesh: Mesh, device: DeviceState, config: MeshConfig) -> dict[IPNetwork, Action]:
-    """What the eBPF program should do per destination CIDR, given the device as it is.
+class Route(enum.Enum):
+    """Which of the local node's devices carry traffic to one remote node.
 
-    A remote CIDR is REDIRECT only once the device really holds a peer with that node's key
-    and that CIDR; until then (and for rejected nodes and the cluster-wide CIDRs) it is DROP,
-    so traffic fails closed rather than leaving in plaintext.
+    CURRENT is the normal case. While the local node rotates its key it also runs the
+    alternate device (new key); see wgmanager.core.rotation for when each applies.
     """
+
+    CURRENT = "current"
+    ALT = "alt"
+    BOTH = "both"
+
+
+def datapath_map(mesh: Mesh, device: DeviceState, config: MeshConfig, *,
+                 alt: DeviceState | None = None,
+                 routes: Mapping[str, Route] | None = None,
+                 any_key: bool = False) -> dict[IPNetwork, Action]:
+    """What the eBPF program should do per destination CIDR, given the device(s) as they are.
+
+    A remote CIDR is redirected only into a device that really holds a peer with that node's
+    key and that CIDR; until then (and for rejected nodes and the cluster-wide CIDRs) it is
+    DROP, so traffic fails closed rather than leaving in plaintext (with
+    ``config.fail_closed`` off such CIDRs get no entry and take the CNI's path instead).
+
+    ``any_key`` counts a CIDR as ready when any peer of the device holds it. Traffic there is
+    encrypted, only perhaps to the key the node is replacing, which is the right state to
+    keep while the new peer is being added (used before peers change, so a key change does
+    not blackhole the node for the moment between the two steps).
+    """
+    routes = routes or {}
+    held = _held(device) if any_key else None
+    alt_held = _held(alt) if any_key and alt is not None else None
     entries: dict[IPNetwork, Action] = {c: Action.LOCAL for c in mesh.local.pod_cidrs}
     for node in mesh.nodes.values():
-        actual = device.peers.get(node.public_key)
+        route = routes.get(node.name, Route.CURRENT)
         for cidr in node.pod_cidrs:
-            ready = actual is not None and cidr in actual.allowed_ips
-            entries[cidr] = Action.REDIRECT if ready else Action.DROP
+            cur = route is not Route.ALT and _ready(device, node, cidr, held)
+            alt_ok = (route is not Route.CURRENT and alt is not None
+                      and _ready(alt, node, cidr, alt_held))
+            if cur and alt_ok:
+                entries[cidr] = Action.REDIRECT_BOTH
+            elif cur:
+                entries[cidr] = Action.REDIRECT
+            elif alt_ok:
+                entries[cidr] = Action.REDIRECT_ALT
+            elif config.fail_closed:
+                entries[cidr] = Action.DROP
+    if not config.fail_closed:
+        return dict(sorted(entries.items(), key=lambda kv: network_sort_key(kv[0])))
     owned = list(entries)
     claims = CidrClaims()  # owned CIDRs never overlap each other: index them
     for cidr in owned:
@@ -234,6 +301,21 @@ def datapath_map(mesh: Mesh, device: DeviceState, config: MeshConfig) -> dict[IP
         if cidr not in entries and not any(_is_subnet(cidr, o) for o in owned):
             entries[cidr] = Action.DROP
     return dict(sorted(entries.items(), key=lambda kv: network_sort_key(kv[0])))
+
+
+def _held(device: DeviceState) -> frozenset[IPNetwork]:
+    out: set[IPNetwork] = set()
+    for peer in device.peers.values():
+        out |= peer.allowed_ips
+    return frozenset(out)
+
+
+def _ready(device: DeviceState, node: Node, cidr: IPNetwork,
+           held: frozenset[IPNetwork] | None) -> bool:
+    if held is not None:
+        return cidr in held
+    actual = device.peers.get(node.public_key)
+    return actual is not None and cidr in actual.allowed_ips
 
 
 def _is_subnet(inner: IPNetwork, outer: IPNetwork) -> bool:

@@ -38,6 +38,17 @@ class NodeSpec:
     pod_cidrs: tuple[str, ...] = ()
     public_key: str | None = None
     created: float = 0.0
+    # The WireGuard port the node listens on (None: the cluster's port). Key rotation moves
+    # a node to its second device, which listens on another port.
+    port: str | None = None
+    # Published while the node rotates its key: peers switch to this key and port at once
+    # (wgmanager.core.rotation explains the protocol).
+    next_public_key: str | None = None
+    next_port: str | None = None
+    # Only read for the local node: a pending `wgmanager rotate-keys` request, and the
+    # rotation status the agent last published.
+    rotation_request: str | None = None
+    rotation_status: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +58,9 @@ class Node:
     name: str
     addresses: tuple[IPAddress, ...]
     pod_cidrs: tuple[IPNetwork, ...]
-    public_key: PublicKey
+    public_key: PublicKey  # the key peers use: the next key while the node rotates
+    port: int | None = None  # None: the cluster's listen port
+    rotating: bool = False  # the node published a next key (and public_key is that key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +146,11 @@ class Action(enum.IntEnum):
     LOCAL = 1  # a local pod CIDR: leave alone
     REDIRECT = 2  # a remote pod CIDR whose peer is configured: into the WireGuard device
     DROP = 3  # a cluster CIDR with no ready peer: fail closed
+    # While this node rotates its key it runs a second device ("alt"): traffic for a peer
+    # that has switched goes there, and traffic for a peer that may not have switched yet
+    # goes to both (the peer accepts exactly one copy: the one from the key it uses).
+    REDIRECT_ALT = 4
+    REDIRECT_BOTH = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,3 +161,6 @@ class MeshConfig:
     persistent_keepalive: int = 0
     # CIDRs covering all pod networks; traffic into them that matches no ready peer is dropped.
     cluster_cidrs: tuple[IPNetwork, ...] = ()
+    # False (--fail-mode open): traffic to a remote CIDR with no ready peer is left to the
+    # CNI (unencrypted) instead of dropped; availability over confidentiality, opt-in.
+    fail_closed: bool = True

@@ -128,6 +128,24 @@ def plan_map(desired: Mapping[IPNetwork, Action], actual: Mapping[IPNetwork, Act
     return MapPlan(dict(sorted(upserts.items(), key=lambda kv: network_sort_key(kv[0]))), deletes)
 
 
+REDIRECTS = frozenset({Action.REDIRECT, Action.REDIRECT_ALT, Action.REDIRECT_BOTH})
+
+
+def plan_fail_closed(desired: Mapping[IPNetwork, Action],
+                     actual: Mapping[IPNetwork, Action]) -> MapPlan:
+    """The closing half of ``plan_map``, for before devices and peers change.
+
+    New CIDRs get their entry and entries that must stop redirecting are downgraded, but a
+    redirect is never re-targeted to another device here: that waits for the full plan,
+    after the device config and the peers it relies on are in place (re-targeting first
+    would send traffic into a device that is not ready for it).
+    """
+    full = plan_map(desired, actual)
+    upserts = {c: a for c, a in full.upserts.items()
+               if not (a in REDIRECTS and actual.get(c) in REDIRECTS)}
+    return MapPlan(upserts, full.deletes)
+
+
 def apply_peer_ops(actual: Mapping[PublicKey, PeerState],
                    ops: list[PeerOp]) -> dict[PublicKey, PeerState]:
     """What a WireGuard device holds after ``ops``: the semantics every backend implements.

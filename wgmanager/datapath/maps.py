@@ -42,7 +42,7 @@ class CidrValue(ctypes.Structure):
 
 class ConfigValue(ctypes.Structure):
     _fields_ = [("wg_ifindex", ctypes.c_uint32), ("wg_port", ctypes.c_uint32),
-                ("wg_mtu", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+                ("wg_mtu", ctypes.c_uint32), ("alt_ifindex", ctypes.c_uint32)]
 
 
 class CounterValue(ctypes.Structure):
@@ -54,6 +54,7 @@ class DeviceConfig:
     wg_ifindex: int
     wg_port: int
     wg_mtu: int
+    alt_ifindex: int = 0  # the second device while the node rotates its key
 
 
 def encode_cidr(net: IPNetwork) -> CidrKey:
@@ -124,11 +125,11 @@ class PinnedMaps:
     def read_config(self) -> DeviceConfig:
         value = ConfigValue()
         libbpf.lookup(self._config, ctypes.c_uint32(0), value)
-        return DeviceConfig(value.wg_ifindex, value.wg_port, value.wg_mtu)
+        return DeviceConfig(value.wg_ifindex, value.wg_port, value.wg_mtu, value.alt_ifindex)
 
     def write_config(self, cfg: DeviceConfig) -> None:
         libbpf.update(self._config, ctypes.c_uint32(0),
-                      ConfigValue(cfg.wg_ifindex, cfg.wg_port, cfg.wg_mtu, 0))
+                      ConfigValue(cfg.wg_ifindex, cfg.wg_port, cfg.wg_mtu, cfg.alt_ifindex))
 
     def read_counters(self) -> Mapping[Counter, tuple[int, int]]:
         """(packets, bytes) per counter, summed over CPUs."""

@@ -24,7 +24,7 @@ from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import HTTPError
 
 from wgmanager.errors import ConfigError, WgmError
-from wgmanager.kube.translate import key_patch
+from wgmanager.kube.translate import annotations_patch
 
 log = logging.getLogger(__name__)
 
@@ -136,11 +136,12 @@ class NodesAPI:
         except (ApiException, HTTPError, OSError, ValueError) as e:
             raise classify(e, f"reading node {name}") from e
 
-    def publish_key(self, name: str, public_key: str) -> None:
+    def patch_annotations(self, name: str, values: dict[str, str | None]) -> None:
+        """Sets (None: removes) exactly these annotations on the Node, nothing else."""
         try:
             # Raw response: the patched Node is not needed, and deserialising it into the
             # client's models could fail on fields this client version does not know.
-            resp = self.core.patch_node(name, key_patch(public_key), _preload_content=False,
+            resp = self.core.patch_node(name, annotations_patch(values), _preload_content=False,
                                         _request_timeout=self.request_timeout)
             resp.release_conn()
         except (ApiException, HTTPError, OSError) as e:

@@ -15,6 +15,12 @@ from wgmanager.core.model import NodeSpec
 
 ANNOTATION_PREFIX = "wgmanager.io/"
 PUBLIC_KEY_ANNOTATION = ANNOTATION_PREFIX + "public-key"
+PORT_ANNOTATION = ANNOTATION_PREFIX + "endpoint-port"
+NEXT_KEY_ANNOTATION = ANNOTATION_PREFIX + "next-public-key"
+NEXT_PORT_ANNOTATION = ANNOTATION_PREFIX + "next-endpoint-port"
+# Set by `wgmanager rotate-keys` (a fresh request id); the agent answers in the status one.
+ROTATE_REQUEST_ANNOTATION = ANNOTATION_PREFIX + "rotate-key-request"
+ROTATION_STATUS_ANNOTATION = ANNOTATION_PREFIX + "key-rotation"
 
 
 def node_spec(obj: dict[str, Any]) -> NodeSpec:
@@ -28,14 +34,23 @@ def node_spec(obj: dict[str, Any]) -> NodeSpec:
         if isinstance(a, dict) and a.get("type") == "InternalIP"
     )
     cidrs = spec.get("podCIDRs") or ([spec["podCIDR"]] if spec.get("podCIDR") else [])
-    key = annotations.get(PUBLIC_KEY_ANNOTATION)
     return NodeSpec(
         name=str(meta.get("name") or ""),
         addresses=addresses,
         pod_cidrs=tuple(str(c) for c in cidrs),
-        public_key=key if isinstance(key, str) else None,
+        public_key=_text(annotations, PUBLIC_KEY_ANNOTATION),
         created=_timestamp(meta.get("creationTimestamp")),
+        port=_text(annotations, PORT_ANNOTATION),
+        next_public_key=_text(annotations, NEXT_KEY_ANNOTATION),
+        next_port=_text(annotations, NEXT_PORT_ANNOTATION),
+        rotation_request=_text(annotations, ROTATE_REQUEST_ANNOTATION),
+        rotation_status=_text(annotations, ROTATION_STATUS_ANNOTATION),
     )
+
+
+def _text(annotations: dict[str, Any], name: str) -> str | None:
+    value = annotations.get(name)
+    return value if isinstance(value, str) else None
 
 
 def _timestamp(value: Any) -> float:
@@ -48,8 +63,13 @@ def _timestamp(value: Any) -> float:
 
 
 def key_patch(public_key: str) -> dict[str, Any]:
-    """A patch body touching only wgmanager's annotation, nothing else on the Node.
+    """A patch body touching only wgmanager's key annotation, nothing else on the Node."""
+    return annotations_patch({PUBLIC_KEY_ANNOTATION: public_key})
+
+
+def annotations_patch(values: dict[str, str | None]) -> dict[str, Any]:
+    """A patch body setting (or, for None, removing) only the given annotations.
 
     The client sends a dict body as a strategic merge patch; for annotations (a plain map)
-    that merges exactly like a JSON merge patch."""
-    return {"metadata": {"annotations": {PUBLIC_KEY_ANNOTATION: public_key}}}
+    that merges exactly like a JSON merge patch, where null deletes a key."""
+    return {"metadata": {"annotations": dict(values)}}

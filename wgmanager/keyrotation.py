@@ -1,0 +1,204 @@
+"""The agent's side of key rotation: persists the state machine and drives it.
+
+The protocol and its states are in ``wgmanager.core.rotation``; this module does the I/O
+around them, in the order that keeps every crash recoverable:
+
+- a new state is written to disk (atomically) before anything that depends on it happens;
+- the next key is published only after a reconcile in SWITCH has put the clone-to-both
+  steering in place, so no peer can switch before we send through the new device;
+- a finished or rolled-back rotation is persisted as IDLE first, then reconciled (nothing
+  routes to the retired slot any more), then the retired device and key are removed. In
+  IDLE a device or key of the other slot is always a leftover and is removed the same way.
+
+The agent calls ``before_reconcile`` and ``after_reconcile`` around each reconcile and
+publishes ``annotations()`` whenever its Node differs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from wgmanager.config import RotationSettings
+from wgmanager.core.model import Node, NodeSpec
+from wgmanager.core.rotation import (
+    Phase,
+    Progress,
+    RotationState,
+    begin,
+    others_rotating,
+    prepared,
+    published,
+    schedule_due,
+    status_annotation,
+    step,
+)
+from wgmanager.keystore import slot_key
+from wgmanager.kube.translate import (
+    NEXT_KEY_ANNOTATION,
+    NEXT_PORT_ANNOTATION,
+    PORT_ANNOTATION,
+    PUBLIC_KEY_ANNOTATION,
+    ROTATION_STATUS_ANNOTATION,
+)
+from wgmanager.node import NodeReconciler
+
+log = logging.getLogger(__name__)
+
+# Where `--test-crash-at` may kill the agent (SIGKILL, no cleanup): the crash-at-each-step
+# test restarts it and expects the rotation to finish or roll back with no traffic lost.
+CRASH_POINTS = (
+    "prepare-persisted",  # PREPARE on disk; no key or device yet
+    "prepare-device",  # second device up with the new key; SWITCH not yet on disk
+    "switch-persisted",  # SWITCH on disk; steering not yet cloned, next key not published
+    "switch-published",  # next key published: peers are switching
+    "finish-persisted",  # IDLE on the new slot on disk; steering still on both devices
+    "finish-reconciled",  # steering on the new device only; old device and key still there
+    "rollback-persisted",  # ROLLBACK on disk; next key still published
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """A rotation that just ended, for the agent's Events and metrics."""
+
+    request: str
+    completed: bool
+    detail: str  # the new public key, or the rollback reason
+    seconds: float
+    peers: int
+
+
+class KeyRotator:
+    def __init__(self, reconciler: NodeReconciler, settings: RotationSettings, *,
+                 crash_at: str = "", clock: Callable[[], float] = time.time) -> None:
+        if crash_at and crash_at not in CRASH_POINTS:
+            raise ValueError(f"unknown crash point {crash_at!r}; one of {', '.join(CRASH_POINTS)}")
+        self.reconciler = reconciler
+        self.settings = settings
+        self.store = reconciler.keystore
+        self.state = self.store.load_rotation()
+        self._crash_at = crash_at
+        self._clock = clock
+        self._steered = False  # a reconcile in SWITCH ran in this process: safe to publish
+        self.progress: Progress | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.state.rotation is not None
+
+    # -- around each reconcile --------------------------------------------------------
+
+    def before_reconcile(self, me: NodeSpec | None, remote: Iterable[Node]) -> RotationState:
+        """Starts a rotation if one was requested (or is due); returns the state to apply."""
+        if self.state.rotation is None:
+            request = self._request(me, {n.name: n for n in remote})
+            if request:
+                # A fresh key for every rotation: a leftover file of the slot is discarded.
+                self.reconciler.retire_slot(1 - self.state.slot)
+                self._save(begin(self.state, request, self._clock()))
+                log.info("key rotation started", extra={"request": request})
+                self._crash("prepare-persisted")
+        return self.state
+
+    def after_reconcile(self, progress: Progress | None) -> Outcome | None:
+        """Advances the state machine after a successful reconcile of ``self.state``."""
+        self.progress = progress
+        rot = self.state.rotation
+        if rot is None:
+            self._retire_leftovers()
+            return None
+        now = self._clock()
+        if rot.phase is Phase.PREPARE:
+            self._crash("prepare-device")
+            self._save(prepared(self.state, now))
+            self._steered = False
+            self._crash("switch-persisted")
+            return None
+        if rot.phase is Phase.SWITCH:
+            self._steered = True
+        if progress is None:
+            return None
+        new = step(self.state, progress, now, self.settings.timeout)
+        if new == self.state:
+            return None
+        self._save(new)
+        if new.rotation is not None:  # SWITCH -> ROLLBACK
+            log.warning("key rotation rolling back", extra={"reason": new.rotation.reason})
+            self._crash("rollback-persisted")
+            return None
+        completed = new.slot != rot.from_slot
+        self._crash("finish-persisted")
+        outcome = Outcome(rot.request, completed,
+                          self.reconciler.key_for(new.slot).public_key.base64()
+                          if completed else rot.reason, now - rot.began, progress.peers)
+        log.info("key rotation completed" if completed else "key rotation rolled back",
+                 extra={"request": rot.request, "seconds": round(outcome.seconds, 2),
+                        "peers": progress.peers, "public_key": outcome.detail if completed
+                        else None})
+        return outcome
+
+    def _retire_leftovers(self) -> None:
+        other = 1 - self.state.slot
+        backend = self.reconciler.backend_for(other)
+        if backend.device_exists() or self.store.exists(slot_key(other)):
+            self._crash("finish-reconciled")
+            for what in self.reconciler.retire_slot(other):
+                log.info("retired the previous key slot", extra={"done": what})
+
+    # -- what the Node should say -----------------------------------------------------
+
+    def annotations(self) -> dict[str, str | None]:
+        """Our key/port annotations (and the status `rotate-keys` follows)."""
+        wg = self.reconciler.settings.wireguard
+        pub = published(self.state)
+        values: dict[str, str | None] = {
+            PUBLIC_KEY_ANNOTATION: self.reconciler.key_for(pub.slot).public_key.base64(),
+            PORT_ANNOTATION: str(wg.port_for(pub.slot)),
+            NEXT_KEY_ANNOTATION: None,
+            NEXT_PORT_ANNOTATION: None,
+            ROTATION_STATUS_ANNOTATION: status_annotation(self.state, self.progress),
+        }
+        if pub.next_slot is not None and self._steered:
+            values[NEXT_KEY_ANNOTATION] = (
+                self.reconciler.key_for(pub.next_slot).public_key.base64())
+            values[NEXT_PORT_ANNOTATION] = str(wg.port_for(pub.next_slot))
+        return values
+
+    def published(self) -> None:
+        """The annotations were written."""
+        rot = self.state.rotation
+        if rot is not None and rot.phase is Phase.SWITCH and self._steered:
+            self._crash("switch-published")
+
+    # -- internals --------------------------------------------------------------------
+
+    def _request(self, me: NodeSpec | None, remote: dict[str, Node]) -> str:
+        asked = (me.rotation_request or "").strip() if me is not None else ""
+        if asked and asked != self.state.last_request:
+            return asked
+        interval = self.settings.interval
+        if interval > 0:
+            created = self.store.mtime(slot_key(self.state.slot))
+            now = self._clock()
+            if created is not None and schedule_due(self.reconciler.settings.node_name,
+                                                    created, interval, now):
+                busy = others_rotating(remote)
+                if busy:
+                    log.debug("scheduled key rotation waits", extra={"rotating": busy[0]})
+                    return ""
+                return f"schedule-{int(now)}"
+        return ""
+
+    def _save(self, state: RotationState) -> None:
+        self.store.save_rotation(state)
+        self.state = state
+
+    def _crash(self, point: str) -> None:
+        if point == self._crash_at:
+            log.warning("crashing on purpose (--test-crash-at)", extra={"point": point})
+            os.kill(os.getpid(), signal.SIGKILL)
