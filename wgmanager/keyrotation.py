@@ -159,14 +159,18 @@ class KeyRotator:
         values: dict[str, str | None] = {
             PUBLIC_KEY_ANNOTATION: self.reconciler.key_for(pub.slot).public_key.base64(),
             PORT_ANNOTATION: str(wg.port_for(pub.slot)),
-            NEXT_KEY_ANNOTATION: None,
-            NEXT_PORT_ANNOTATION: None,
             ROTATION_STATUS_ANNOTATION: status_annotation(self.state, self.progress),
         }
-        if pub.next_slot is not None and self._steered:
+        if pub.next_slot is None:
+            values[NEXT_KEY_ANNOTATION] = values[NEXT_PORT_ANNOTATION] = None
+        elif self._steered:
             values[NEXT_KEY_ANNOTATION] = (
                 self.reconciler.key_for(pub.next_slot).public_key.base64())
             values[NEXT_PORT_ANNOTATION] = str(wg.port_for(pub.next_slot))
+        # else: SWITCH, but this process has not steered yet (just started). The next key
+        # is left as the Node has it: publishing it now could let peers switch before we
+        # send through the new device, and withdrawing it (after a restart) would send
+        # peers that already switched back, while we send them only the new device's copy.
         return values
 
     def published(self) -> None:

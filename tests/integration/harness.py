@@ -105,7 +105,7 @@ class Cluster:
 
     def capture(self, name: str) -> contextlib.AbstractContextManager[Capture]:
         return capture(self.topo.underlay_netns, self.topo.bridge,
-                       self.run_dir / f"{name}.pcap", wg_port=LISTEN_PORT,
+                       self.run_dir / f"{name}.pcap", wg_ports=(LISTEN_PORT, LISTEN_PORT + 1),
                        pod_nets=tuple(CLUSTER_CIDRS))
 
     # -- cleanup ------------------------------------------------------------------------

@@ -22,8 +22,13 @@ DEFAULT_POD_NETS = ("10.244.0.0/16", "fd00:244::/32")
 @dataclass
 class Capture:
     pcap: Path
-    wg_port: int = 51820
+    # WireGuard's ports: the listen port and the one a key rotation's second device uses.
+    wg_ports: tuple[int, ...] = (51820, 51821)
     pod_nets: tuple[str, ...] = DEFAULT_POD_NETS
+
+    @property
+    def _wireguard(self) -> str:
+        return " or ".join(f"udp port {p}" for p in self.wg_ports)
 
     def count(self, bpf_filter: str) -> int:
         res = subprocess.run(["tcpdump", "-nn", "-r", str(self.pcap), bpf_filter],
@@ -36,7 +41,7 @@ class Capture:
         return self.count(" or ".join(f"net {n}" for n in self.pod_nets))
 
     def wireguard_packets(self) -> int:
-        return self.count(f"udp port {self.wg_port}")
+        return self.count(self._wireguard)
 
     def unexpected_packets(self) -> int:
         """Anything but WireGuard UDP and link-local housekeeping (ARP, ND, multicast).
@@ -44,7 +49,7 @@ class Capture:
         Traffic to and from the lab's API server (TCP 6443 on the host link) is expected
         control-plane traffic, not pod traffic, and is excluded too.
         """
-        return self.count(f"(ip or ip6) and not (udp port {self.wg_port}) "
+        return self.count(f"(ip or ip6) and not ({self._wireguard}) "
                           "and not (tcp port 6443) "
                           "and not (ip6 and dst net ff00::/8) "
                           "and not (icmp6 and ip6[40] >= 133 and ip6[40] <= 137)")
@@ -54,7 +59,7 @@ class Capture:
 
 
 @contextlib.contextmanager
-def capture(netns: str, ifname: str, pcap: Path, *, wg_port: int = 51820,
+def capture(netns: str, ifname: str, pcap: Path, *, wg_ports: tuple[int, ...] = (51820, 51821),
             pod_nets: tuple[str, ...] = DEFAULT_POD_NETS) -> Iterator[Capture]:
     """tcpdump on ``ifname`` in ``netns``, listening before the body runs."""
     proc = subprocess.Popen(["ip", "netns", "exec", netns, "tcpdump", "-i", ifname, "-nn",
@@ -66,7 +71,7 @@ def capture(netns: str, ifname: str, pcap: Path, *, wg_port: int = 51820,
         proc.kill()
         raise RuntimeError(f"tcpdump did not start: {line.strip()}")
     try:
-        yield Capture(pcap, wg_port, pod_nets)
+        yield Capture(pcap, wg_ports, pod_nets)
     finally:
         time.sleep(0.2)  # in-flight packets are on the wire within microseconds; margin
         proc.send_signal(signal.SIGINT)

@@ -23,15 +23,18 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from kubernetes import client as k8s
 
+from wgmanager.config import WireGuardSettings
 from wgmanager.core.keys import PublicKey
+from wgmanager.core.rotation import layout
 from wgmanager.errors import ConfigError, WgmError
+from wgmanager.keystore import KeyStore
 from wgmanager.lab import controlplane, topology, traffic
 from wgmanager.lab.capture import Capture, capture
 from wgmanager.lab.topology import Pod, SimNode, Topology
@@ -95,6 +98,7 @@ class Lab:
         self.topo: Topology | None = None
         self.cp: controlplane.ControlPlane | None = None
         self._api: k8s.ApiClient | None = None
+        self.agent_args: tuple[str, ...] = ()
 
     # -- layout ---------------------------------------------------------------------------
 
@@ -138,8 +142,12 @@ class Lab:
     # -- up -------------------------------------------------------------------------------
 
     def up(self, *, nodes: int = 3, pods_per_node: int = 2, start_agents: int | None = None,
-           progress: Progress = lambda _: None, timeout: float = 120.0) -> None:
-        """Builds the lab; on failure removes everything it made and re-raises."""
+           progress: Progress = lambda _: None, timeout: float = 120.0,
+           agent_args: Sequence[str] = ()) -> None:
+        """Builds the lab; on failure removes everything it made and re-raises.
+
+        ``agent_args`` are extra agent flags for every agent this object starts."""
+        self.agent_args = tuple(agent_args)
         if nodes < 2 or nodes > 50:
             raise ConfigError("--nodes must be between 2 and 50")
         if pods_per_node < 1 or pods_per_node > 20:
@@ -230,13 +238,15 @@ class Lab:
     def agent_log_file(self, node: SimNode) -> Path:
         return self.node_dir(node) / "agent.log"
 
-    def start_agent(self, node: SimNode, *, kubeconfig: Path | None = None) -> int:
+    def start_agent(self, node: SimNode, *, kubeconfig: Path | None = None,
+                    extra_args: Sequence[str] = ()) -> int:
         self.node_dir(node).mkdir(parents=True, exist_ok=True)
         config = kubeconfig or self.agent_kubeconfig
         argv = ["nsenter", f"--net=/run/netns/{node.netns}", sys.executable, "-m", "wgmanager",
                 "agent", "--node-name", node.name, "--kubeconfig", str(config),
                 "--cluster-cidrs", ",".join(CLUSTER_CIDRS), "--listen-port", str(LISTEN_PORT),
-                "--health-port", str(HEALTH_PORT), *self.node_args(node)]
+                "--health-port", str(HEALTH_PORT), *self.node_args(node), *self.agent_args,
+                *extra_args]
         with open(self.agent_log_file(node), "ab") as log:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                     start_new_session=True)
@@ -284,7 +294,10 @@ class Lab:
     # -- what the nodes hold --------------------------------------------------------------
 
     def device(self, node: SimNode) -> UserspaceBackend:
-        return UserspaceBackend("wgm0", socket_dir=self.node_dir(node) / "wg", spawn=False)
+        """The node's current device (which of the two depends on its key rotations)."""
+        slot = layout(KeyStore(self.node_dir(node) / "state").load_rotation()).current
+        return UserspaceBackend(WireGuardSettings().ifname_for(slot),
+                                socket_dir=self.node_dir(node) / "wg", spawn=False)
 
     def peer_keys(self, node: SimNode) -> set[PublicKey]:
         dev = self.device(node)
@@ -352,7 +365,7 @@ class Lab:
     def capture(self, name: str) -> contextlib.AbstractContextManager[Capture]:
         topo = self.topology
         return capture(topo.underlay_netns, topo.bridge, self.root / f"{name}.pcap",
-                       wg_port=LISTEN_PORT, pod_nets=CLUSTER_CIDRS)
+                       wg_ports=(LISTEN_PORT, LISTEN_PORT + 1), pod_nets=CLUSTER_CIDRS)
 
     def check(self, progress: Progress = lambda _: None, tcp_port: int = 7070) -> CheckReport:
         topo = self.topology

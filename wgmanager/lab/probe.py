@@ -2,6 +2,8 @@
 
     python -m wgmanager.lab.probe serve --port P [--count N]   echo N connections, then exit
     python -m wgmanager.lab.probe send HOST PORT --bytes N      send N bytes, expect them back
+    python -m wgmanager.lab.probe stream HOST PORT --seconds S  one connection, a steady echo
+                                                                stream for S seconds
 
 ``send`` prints one JSON line (ok, bytes, seconds, error) and exits 0 only when every byte
 came back intact, so a truncated or corrupted transfer through the tunnel is a failure.
@@ -63,6 +65,60 @@ def send(host: str, port: int, nbytes: int, timeout: float) -> int:
     return 0 if result["ok"] else 1
 
 
+def stream(host: str, port: int, seconds: float, chunk: int, interval: float,
+           timeout: float) -> int:
+    """One long TCP connection carrying a steady stream, checked byte for byte.
+
+    Proves a connection survives something (a key rotation): a reset or a timeout is an
+    error, and ``max_stall_seconds`` is the longest time no echoed byte arrived.
+    """
+    import threading
+
+    started = time.monotonic()
+    result: dict[str, object] = {"ok": False, "bytes": 0}
+    sent = bytearray()
+    got = bytearray()
+    stall = {"last": started, "max": 0.0}
+    errors: list[str] = []
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as s:
+            s.settimeout(timeout)
+
+            def receive() -> None:
+                try:
+                    while data := s.recv(65536):
+                        now = time.monotonic()
+                        stall["max"] = max(stall["max"], now - stall["last"])
+                        stall["last"] = now
+                        got.extend(data)
+                except OSError as e:
+                    errors.append(f"{type(e).__name__}: {e.strerror or e}")
+
+            reader = threading.Thread(target=receive, daemon=True)
+            reader.start()
+            n = 0
+            while time.monotonic() - started < seconds:
+                block = (n.to_bytes(8, "big") * (chunk // 8 + 1))[:chunk]
+                s.sendall(block)
+                sent.extend(block)
+                n += 1
+                time.sleep(interval)
+            s.shutdown(socket.SHUT_WR)
+            reader.join(timeout + 1)
+        result["bytes"] = len(got)
+        result["ok"] = not errors and bytes(got) == bytes(sent)
+        if errors:
+            result["error"] = errors[0]
+        elif not result["ok"]:
+            result["error"] = f"echo mismatch: sent {len(sent)} bytes, got {len(got)} back"
+    except OSError as e:
+        result["error"] = f"{type(e).__name__}: {e.strerror or e}"
+    result["seconds"] = round(time.monotonic() - started, 3)
+    result["max_stall_seconds"] = round(stall["max"], 3)
+    print(json.dumps(result), flush=True)
+    return 0 if result["ok"] else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m wgmanager.lab.probe")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -75,9 +131,18 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("port", type=int)
     c.add_argument("--bytes", type=int, default=1024)
     c.add_argument("--timeout", type=float, default=5.0)
+    st = sub.add_parser("stream")
+    st.add_argument("host")
+    st.add_argument("port", type=int)
+    st.add_argument("--seconds", type=float, default=10.0)
+    st.add_argument("--chunk", type=int, default=8192, help="bytes per write")
+    st.add_argument("--interval", type=float, default=0.01, help="seconds between writes")
+    st.add_argument("--timeout", type=float, default=10.0)
     a = p.parse_args(argv)
     if a.cmd == "serve":
         return serve(a.port, a.count, a.timeout)
+    if a.cmd == "stream":
+        return stream(a.host, a.port, a.seconds, a.chunk, a.interval, a.timeout)
     return send(a.host, a.port, a.bytes, a.timeout)
 
 

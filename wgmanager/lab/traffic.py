@@ -92,3 +92,34 @@ def continuous_ping(pod: Pod, dst: str, seconds: float, interval: float = 0.01) 
     t = threading.Thread(target=run, daemon=True)
     t.start()
     return PingRun(t, output)
+
+
+@dataclass
+class StreamRun:
+    """A long TCP stream in the background; ``result()`` once it has finished."""
+
+    thread: threading.Thread
+    output: dict[str, str]
+
+    def result(self) -> dict[str, object]:
+        self.thread.join()
+        try:
+            return json.loads(self.output.get("out", ""))  # type: ignore[no-any-return]
+        except json.JSONDecodeError:
+            return {"ok": False, "error": self.output.get("err") or "probe printed nothing"}
+
+
+def tcp_stream(pod: Pod, host: str, port: int, seconds: float) -> StreamRun:
+    """One TCP connection echoing a steady stream for ``seconds`` (see probe.stream)."""
+    output: dict[str, str] = {}
+
+    def run() -> None:
+        res = subprocess.run(["ip", "netns", "exec", pod.netns, sys.executable, "-m",
+                              "wgmanager.lab.probe", "stream", host, str(port), "--seconds",
+                              str(seconds)], capture_output=True, text=True, check=False,
+                             timeout=seconds + 120)
+        output["out"], output["err"] = res.stdout, res.stderr
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return StreamRun(t, output)
