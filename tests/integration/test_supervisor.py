@@ -160,17 +160,19 @@ def test_the_agent_gets_devices_from_the_sidecar_and_they_come_back_when_killed(
     assert set(sidecar.wireguard_go()) == {wgm0.ifname, rot.ifname}
     rot_pid = sidecar.wireguard_go()[rot.ifname]
     rot.delete_device()
+    # delete_device returns once the socket is gone; wireguard-go closes it first, then its
+    # TUN and UDP socket, and the supervisor reaps it a moment later.
     assert not rot.want_path.exists() and not rot.device_exists()
     assert not rot.socket_path.exists()
+    wait_for(lambda: rot_pid not in sidecar.wireguard_go().values(), 5, "wireguard-go to exit")
     assert not sidecar.link_exists(rot.ifname)
-    assert not Path(f"/proc/{rot_pid}").exists() or rot_pid not in sidecar.wireguard_go()
     assert sidecar.wireguard_go() == {wgm0.ifname: second}
 
     # delete: the want file goes, the process and the TUN go with it
     wgm0.delete_device()
     assert not wgm0.want_path.exists() and not wgm0.device_exists()
+    wait_for(lambda: sidecar.wireguard_go() == {}, 5, "wireguard-go to exit")
     assert not sidecar.link_exists(wgm0.ifname)
-    assert sidecar.wireguard_go() == {}
     wgm0.delete_device()  # idempotent
 
     assert supervisor.poll() is None
