@@ -209,6 +209,8 @@ class UserspaceBackend:
             self.want_path.unlink()
         except FileNotFoundError:
             return  # never asked for: whatever serves this device is not ours to stop
+        # Done when the socket is gone: wireguard-go closes it first on SIGTERM, then (within
+        # milliseconds) its TUN and UDP socket; the supervisor reaps it before any restart.
         if not _await(lambda: not self.device_exists(), self.timeout, interval=0.05):
             raise DeviceError(f"the wireguard-go sidecar did not stop {self.ifname} within "
                               f"{self.timeout:.0f}s of removing {self.want_path}; check its "
