@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Runs every benchmark, prints one table and writes bench/results.json.
 
-    sudo .venv/bin/python bench/run.py [--full] [--only datapath,throughput,controlplane]
+    sudo .venv/bin/python bench/run.py [--full] [--only datapath,...,rotation] [--merge]
 
 (`make bench` / `make bench-full` run `make setup` first, then this.)
 
@@ -16,13 +16,20 @@
                     key-change latency idle and under 50 changes/s, RSS, CPU, operations
                     per event.
 
-Key rotation (issue 8, part 4) is not benchmarked: the feature does not exist yet.
+4. ``rotation``     bench/rotation.py: a 5-node lab, `wgmanager rotate-keys --all` with
+                    --max-concurrent 1 and 2 under 10 ms pings through every node, two TCP
+                    streams and an underlay capture: time (per node, per protocol phase),
+                    packets lost and duplicated, TCP resets and stalls, plaintext; and a
+                    naive key swap of one node under the same traffic as the baseline.
 
 bench/results.json holds ``machine`` (kernel, CPU, nproc, date, git commit, ...),
 ``command``, ``wall_seconds``, ``code_per_benchmark`` (git commit + a digest of the
 wgmanager sources each benchmark ran: a shared tree may change during a run),
 ``results`` (a list of {name, value, unit, compared_with, baseline_value, ratio, what};
-ratio = value / baseline_value), ``errors`` and each benchmark's ``raw`` samples.
+ratio = value / baseline_value; each also names its ``benchmark``), ``errors`` and each
+benchmark's ``raw`` samples. With ``--merge`` the figures of the benchmarks not run now are
+kept from the existing file (with their own date, command and code version in
+``merged_from``), so that one benchmark can be re-run without discarding the others.
 Benchmarks measure; nothing here asserts a timing. The exit status is non-zero only when
 a benchmark could not run at all.
 """
@@ -45,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib
 import control_plane
 import datapath_cost
+import rotation
 import throughput
 from benchlib import Entry, log
 
@@ -52,7 +60,12 @@ BENCHES: dict[str, Callable[..., tuple[list[Entry], dict[str, Any]]]] = {
     "datapath": datapath_cost.run,
     "throughput": throughput.run,
     "controlplane": control_plane.run,
+    "rotation": rotation.run,
 }
+# Entries written before they named their benchmark, recognised by name.
+LEGACY_PREFIXES = {"datapath": ("datapath.",),
+                   "throughput": ("throughput.", "cpu.", "rtt.", "drops.", "knob.", "security."),
+                   "controlplane": ("controlplane.",), "rotation": ("rotation.",)}
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results.json"
 
 
@@ -83,6 +96,30 @@ def table(rows: list[Entry]) -> str:
                      [line(b) for b in body])
 
 
+def benchmark_of(e: Entry) -> str:
+    name = e.get("benchmark")
+    if isinstance(name, str):
+        return name
+    return next((b for b, prefixes in LEGACY_PREFIXES.items()
+                 if str(e["name"]).startswith(prefixes)), "unknown")
+
+
+def merge(doc: dict[str, Any], old: dict[str, Any], ran: set[str]) -> None:
+    """Adds to ``doc`` what ``old`` holds for the benchmarks not in ``ran`` (in place)."""
+    kept = [{**e, "benchmark": benchmark_of(e)} for e in old.get("results", [])
+            if benchmark_of(e) not in ran]
+    names = sorted({e["benchmark"] for e in kept})
+    doc["results"] = kept + doc["results"]
+    for key in ("seconds_per_benchmark", "code_per_benchmark", "raw", "errors"):
+        doc[key] = {**{b: v for b, v in old.get(key, {}).items() if b in names}, **doc[key]}
+    earlier = old.get("merged_from", {})
+    machine = old.get("machine", {})
+    doc["merged_from"] = {b: earlier.get(b) or {"date": machine.get("date"),
+                                                "command": old.get("command"),
+                                                "git_commit": machine.get("git_commit")}
+                          for b in names}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--full", action="store_true",
@@ -90,6 +127,8 @@ def main() -> int:
     p.add_argument("--only", default=",".join(BENCHES),
                    help=f"comma-separated subset of {', '.join(BENCHES)}")
     p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    p.add_argument("--merge", action="store_true",
+                   help="keep the other benchmarks' figures from the existing output file")
     a = p.parse_args()
     if os.geteuid() != 0:
         print("bench/run.py needs root (network namespaces, bpf, wireguard-go)",
@@ -118,7 +157,7 @@ def main() -> int:
         code[name] = benchlib.code_version()
         try:
             rows, raw[name] = BENCHES[name](full=a.full)
-            results += rows
+            results += [{**r, "benchmark": name} for r in rows]
         except Exception as e:  # one broken benchmark must not hide the others' figures
             errors[name] = f"{type(e).__name__}: {e}"
             log(f"{name} FAILED:\n{traceback.format_exc()}")
@@ -131,15 +170,22 @@ def main() -> int:
         log(f"{name}: {timings[name]:.0f} s")
     wall = time.monotonic() - started
 
-    doc = {"machine": machine,
-           "command": "bench/run.py" + (" --full" if a.full else "") +
-                      ("" if a.only == ",".join(BENCHES) else f" --only {a.only}"),
-           "wall_seconds": round(wall, 1), "seconds_per_benchmark": timings,
-           "code_per_benchmark": code,
-           "results": results, "errors": errors, "raw": raw}
+    doc: dict[str, Any] = {
+        "machine": machine,
+        "command": "bench/run.py" + (" --full" if a.full else "") +
+                   ("" if a.only == ",".join(BENCHES) else f" --only {a.only}") +
+                   (" --merge" if a.merge else ""),
+        "wall_seconds": round(wall, 1), "seconds_per_benchmark": timings,
+        "code_per_benchmark": code,
+        "results": results, "errors": errors, "raw": raw}
+    kept = ""
+    if a.merge and a.output.exists():
+        merge(doc, json.loads(a.output.read_text()), ran=set(chosen))
+        kept = (f" (with {len(doc['results']) - len(results)} earlier figures of "
+                f"{', '.join(doc['merged_from'])})")
     a.output.write_text(json.dumps(doc, indent=1, default=str) + "\n")
     print(table(results))
-    print(f"\n{len(results)} figures in {wall:.0f} s; written to {a.output}")
+    print(f"\n{len(results)} figures in {wall:.0f} s; written to {a.output}{kept}")
     for name, err in errors.items():
         print(f"{name}: FAILED: {err}")
     return 1 if errors else 0
