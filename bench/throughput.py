@@ -305,7 +305,7 @@ def measure(seconds: int, rounds: int, full: bool = False) -> dict[str, Any]:
                 rtt[way.name] = ping_rtt(way)
                 continue
             pcap = benchlib.run_dir(way.topo.prefix) / "ping.pcap"
-            with capture(way.topo.underlay_netns, way.topo.bridge, pcap, wg_port=LISTEN_PORT,
+            with capture(way.topo.underlay_netns, way.topo.bridge, pcap, wg_ports=(LISTEN_PORT,),
                          pod_nets=tuple(CLUSTER_CIDRS)) as cap:
                 rtt[way.name] = ping_rtt(way)
             leaks[way.name] = cap.plaintext_pod_packets()

@@ -200,9 +200,9 @@ class Agent:
                     next_resync = time.monotonic() + self.timing.resync_interval
                     self._record(result, pending)
                     self._report_rejections(result)
-                    before = self.rotator.state
+                    before = (self.rotator.state, self.rotator.steered)
                     outcome = self.rotator.after_reconcile(result.rotation)
-                    if self.rotator.state != before:
+                    if (self.rotator.state, self.rotator.steered) != before:
                         self._dirty.set()  # apply the new state (and publish it) right away
                         next_publish = 0.0
                     if outcome is not None:

@@ -84,12 +84,23 @@ class KeyRotator:
         self.state = self.store.load_rotation()
         self._crash_at = crash_at
         self._clock = clock
-        self._steered = False  # a reconcile in SWITCH ran in this process: safe to publish
+        # The phase (SWITCH or ROLLBACK) whose steering a reconcile in this process applied:
+        # only then may the next key be published (SWITCH) or withdrawn (ROLLBACK).
+        self._steered: Phase | None = None
         self.progress: Progress | None = None
 
     @property
     def active(self) -> bool:
         return self.state.rotation is not None
+
+    @property
+    def steered(self) -> Phase | None:
+        """The phase whose steering this process has applied (see ``annotations``)."""
+        return self._steered
+
+    def _steered_now(self) -> bool:
+        rot = self.state.rotation
+        return rot is not None and self._steered is rot.phase
 
     # -- around each reconcile --------------------------------------------------------
 
@@ -116,11 +127,9 @@ class KeyRotator:
         if rot.phase is Phase.PREPARE:
             self._crash("prepare-device")
             self._save(prepared(self.state, now))
-            self._steered = False
             self._crash("switch-persisted")
             return None
-        if rot.phase is Phase.SWITCH:
-            self._steered = True
+        self._steered = rot.phase  # this reconcile applied the phase's steering
         if progress is None:
             return None
         new = step(self.state, progress, now, self.settings.timeout)
@@ -161,22 +170,26 @@ class KeyRotator:
             PORT_ANNOTATION: str(wg.port_for(pub.slot)),
             ROTATION_STATUS_ANNOTATION: status_annotation(self.state, self.progress),
         }
+        rot = self.state.rotation
+        if rot is not None and rot.phase is not Phase.PREPARE and not self._steered_now():
+            # SWITCH or ROLLBACK whose steering (copies into both devices) this process has
+            # not applied yet (it just started, or the phase just began): the next key is
+            # left as the Node has it. Publishing it could let peers switch before we send
+            # through the new device; withdrawing it could send peers back while we still
+            # send them only the new device's copy.
+            return values
         if pub.next_slot is None:
             values[NEXT_KEY_ANNOTATION] = values[NEXT_PORT_ANNOTATION] = None
-        elif self._steered:
+        else:
             values[NEXT_KEY_ANNOTATION] = (
                 self.reconciler.key_for(pub.next_slot).public_key.base64())
             values[NEXT_PORT_ANNOTATION] = str(wg.port_for(pub.next_slot))
-        # else: SWITCH, but this process has not steered yet (just started). The next key
-        # is left as the Node has it: publishing it now could let peers switch before we
-        # send through the new device, and withdrawing it (after a restart) would send
-        # peers that already switched back, while we send them only the new device's copy.
         return values
 
     def published(self) -> None:
         """The annotations were written."""
         rot = self.state.rotation
-        if rot is not None and rot.phase is Phase.SWITCH and self._steered:
+        if rot is not None and rot.phase is Phase.SWITCH and self._steered_now():
             self._crash("switch-published")
 
     # -- internals --------------------------------------------------------------------

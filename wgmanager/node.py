@@ -236,7 +236,7 @@ class NodeReconciler:
             ops: list[PeerOp] = []
             for backend in (cur, alt):
                 if backend is not None:
-                    ops += self._apply_peers(backend, mesh, initiate=backend is cur)
+                    ops += self._apply_peers(backend, mesh)
             device = cur.read()
             alt_device = alt.read() if alt is not None else None
             done = confirmed(rot, remote, device, alt_device)
@@ -276,16 +276,17 @@ class NodeReconciler:
             links.ensure_address(ipr, backend.ifname, ipv4)
         return link.index
 
-    def _apply_peers(self, backend: WireGuardBackend, mesh: Mesh, *,
-                     initiate: bool) -> list[PeerOp]:
+    def _apply_peers(self, backend: WireGuardBackend, mesh: Mesh) -> list[PeerOp]:
         have = backend.read().peers
         written = self._written_endpoints.get(backend.ifname, {})
         ops = plan_peers(mesh.peers, adopt_roamed_endpoints(mesh.peers, have, written))
         backend.apply(ops)
         self._written_endpoints[backend.ifname] = {
             k: p.endpoint for k, p in mesh.peers.items() if p.endpoint is not None}
-        if initiate:
-            self._initiate_handshakes(backend, replacing_peers(ops, have))
+        # On every device: when two peers rotate at once, each one's new device must reach
+        # the other's new device now. A handshake attempted before the other side knew our
+        # new key failed silently, and WireGuard retries only after 5 s.
+        self._initiate_handshakes(backend, replacing_peers(ops, have))
         return ops
 
     @staticmethod

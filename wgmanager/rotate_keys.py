@@ -97,7 +97,7 @@ def _describe(j: Job) -> str:
 
 
 def rotate(api: NodesAPI, names: Sequence[str] | None, *, max_concurrent: int = 1,
-           wait: bool = True, timeout: float = 600.0, poll: float = 0.5,
+           wait: bool = True, timeout: float = 600.0, poll: float = 0.2,
            out: TextIO = sys.stdout, err: TextIO = sys.stderr,
            clock: Callable[[], float] = time.monotonic) -> int:
     """Runs a rotation; returns the exit code (0 only if every node completed)."""
@@ -130,22 +130,27 @@ def rotate(api: NodesAPI, names: Sequence[str] | None, *, max_concurrent: int = 
                                   f"{PUBLIC_KEY_ANNOTATION} annotation); check that the "
                                   "wgmanager pod runs on it")
             jobs.append(Job(name, key))
+    if max_concurrent > 1 and len(jobs) > 1:
+        print("warning: --max-concurrent > 1: two nodes rotating at the same time can lose "
+              "the traffic between them for several seconds (a known issue, see "
+              "docs/operations.md); --max-concurrent 1 loses nothing", file=err)
     progress = Progress(out, len(jobs))
     deadline = clock() + timeout
     failed = False
     try:
         while True:
+            for j in jobs:
+                if j.state not in ("waiting", "completed", "failed"):
+                    _observe(api, j, clock())
+            failed = failed or any(j.state == "failed" for j in jobs)
             running = [j for j in jobs if j.state not in ("waiting", "completed", "failed")]
-            if not failed:
+            if not failed:  # the next node starts as soon as one finished
                 for j in jobs:
                     if len(running) >= max_concurrent:
                         break
                     if j.state == "waiting":
                         _request(api, j, clock())
                         running.append(j)
-            for j in running:
-                _observe(api, j, clock())
-            failed = failed or any(j.state == "failed" for j in jobs)
             progress.update(jobs)
             if all(j.finished or (failed and j.state == "waiting") for j in jobs):
                 break

@@ -113,6 +113,32 @@ def test_rotate_all_under_traffic_loses_nothing(kc: KubeCluster) -> None:
         assert status["key"]["age_seconds"] < 60
 
 
+@pytest.mark.xfail(strict=False, reason="known issue: two peers rotating at once can lose "
+                   "traffic between them for 5-10 s (WireGuard's handshake retry); "
+                   "rotate-keys warns for --max-concurrent > 1 (docs/operations.md)")
+def test_two_peers_rotating_at_once_keep_talking(kc: KubeCluster) -> None:
+    """--max-concurrent 2: two nodes switch to each other's new keys at the same moment.
+    Each new device must handshake with the other's new device at once (a first attempt
+    made before the other side knew the key fails silently, and WireGuard would retry only
+    after 5 s)."""
+    n1, n2, n3 = kc.lab.nodes
+    old = keys(kc)
+    with kc.capture("rotate-two") as cap:
+        ping12 = traffic.continuous_ping(n1.pods[0], n2.pods[0].ipv4, seconds=15)
+        ping21 = traffic.continuous_ping(n2.pods[0], n1.pods[0].ipv6, seconds=15)
+        rc, out = finish(rotate_keys(kc, n1.name, n2.name, "--max-concurrent", "2",
+                                     "--timeout", "60"))
+        sent12, got12 = ping12.result()
+        sent21, got21 = ping21.result()
+    assert rc == 0, out
+    new = keys(kc)
+    assert new[n1.name] != old[n1.name] and new[n2.name] != old[n2.name]
+    assert new[n3.name] == old[n3.name]
+    assert (sent12, sent21) == (got12, got21), out + kc.diagnose()
+    assert cap.plaintext_pod_packets() == 0
+    assert no_old_keys(kc, {n: old[n] for n in (n1.name, n2.name)}) == []
+
+
 @pytest.mark.parametrize("point", [p for p in CRASH_POINTS if not p.startswith("rollback")])
 def test_agent_killed_at_each_step_still_finishes(kc: KubeCluster, point: str) -> None:
     n1, n2, n3 = kc.lab.nodes
