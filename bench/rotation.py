@@ -98,27 +98,6 @@ T = TypeVar("T")
 
 # -- the lab ------------------------------------------------------------------------------
 
-class BenchLab(Lab):
-    """``Lab`` whose agents log JSON lines (millisecond timestamps for the phase timings);
-    the argv is otherwise the one ``Lab.start_agent`` builds."""
-
-    def start_agent(self, node: SimNode, *, kubeconfig: Path | None = None,
-                    extra_args: Sequence[str] = ()) -> int:
-        self.node_dir(node).mkdir(parents=True, exist_ok=True)
-        argv = ["nsenter", f"--net=/run/netns/{node.netns}", sys.executable, "-m",
-                "wgmanager", "--log-format", "json", "agent", "--node-name", node.name,
-                "--kubeconfig", str(kubeconfig or self.agent_kubeconfig),
-                "--cluster-cidrs", ",".join(labmod.CLUSTER_CIDRS),
-                "--listen-port", str(labmod.LISTEN_PORT),
-                "--health-port", str(labmod.HEALTH_PORT), *self.node_args(node),
-                *self.agent_args, *extra_args]
-        with open(self.agent_log_file(node), "ab") as logf:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                                    start_new_session=True)
-        self.agent_pid_file(node).write_text(f"{proc.pid}\n")
-        return proc.pid
-
-
 # -- traffic ------------------------------------------------------------------------------
 
 _REPLY = re.compile(r"^\[(\d+\.\d+)\] \d+ bytes from .*?icmp_seq=(\d+).*? time=([\d.]+) ms")
@@ -615,8 +594,9 @@ def measure(nodes: int, concurrency: list[int], naive: bool,
             tcp: bool = True) -> dict[str, Any]:
     prefix = benchlib.new_prefix()
     benchlib.run_dir(prefix)
-    lab = BenchLab(benchlib.BENCH_ROOT / prefix, prefix=prefix,
-                   pin_root=benchlib.BENCH_PIN_ROOT)
+    lab = Lab(benchlib.BENCH_ROOT / prefix, prefix=prefix, pin_root=benchlib.BENCH_PIN_ROOT)
+    # JSON log lines carry millisecond timestamps for the phase timings.
+    lab.agent_global_args = ("--log-format", "json")
     raw: dict[str, Any] = {"nodes": nodes, "prefix": prefix, "tcp": tcp, "runs": []}
     segment = 30.0  # first stream connections: a guess; later ones follow the measured time
     try:

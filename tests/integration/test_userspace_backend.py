@@ -45,7 +45,7 @@ from wgmanager.core.plan import (
 from wgmanager.errors import BackendUnavailable, DeviceError
 from wgmanager.wireguard import uapi
 from wgmanager.wireguard.backend import DeviceSettings
-from wgmanager.wireguard.userspace import UserspaceBackend
+from wgmanager.wireguard.userspace import UserspaceBackend, process_alive
 
 # Runs inside the namespace: spawn (or find) the device, report as one JSON line.
 DRIVER = r"""
@@ -89,17 +89,6 @@ def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
         time.sleep(0.02)
 
 
-def alive(pid: int) -> bool:
-    """Some thread of it still runs. (Our wireguard-go processes are not our children; and
-    after SIGKILL a Go process's leader is a zombie while its other threads still exit.)"""
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
-                    return True
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        pass
-    return False
 
 
 def ns_inode(path: str) -> int:
@@ -178,7 +167,7 @@ class Lab:
             except (FileNotFoundError, ValueError):
                 continue
             # Only a process inside our namespace can be ours (guards against pid reuse).
-            if alive(pid) and self.in_netns(pid):
+            if process_alive(pid) and self.in_netns(pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             b.pid_path.unlink(missing_ok=True)
@@ -270,8 +259,8 @@ def test_ensure_device_spawns_a_wireguard_go_that_outlives_its_configurer(lab: L
 
     # The subprocess that spawned it has exited; wireguard-go runs on, in its own session,
     # in the test namespace, with its own mount namespace (where socket_dir is bind-mounted).
-    assert not alive(int(str(first["driver_pid"])))
-    assert alive(pid)
+    assert not process_alive(int(str(first["driver_pid"])))
+    assert process_alive(pid)
     assert Path(f"/proc/{pid}/comm").read_text().strip() == "wireguard-go"
     assert os.getsid(pid) == pid
     assert lab.in_netns(pid)
@@ -298,7 +287,7 @@ def test_ensure_device_spawns_a_wireguard_go_that_outlives_its_configurer(lab: L
 def _wireguard_go_pids() -> list[int]:
     res = subprocess.run(["pgrep", "-x", "wireguard-go"], capture_output=True, text=True,
                          check=False)
-    return [int(p) for p in res.stdout.split() if alive(int(p))]
+    return [int(p) for p in res.stdout.split() if process_alive(int(p))]
 
 
 # -- 2. device settings ------------------------------------------------------------------
@@ -605,7 +594,7 @@ def test_a_dead_device_raises_one_line_device_errors(lab: Lab, sig: signal.Signa
     pid = dev.pid()
     assert pid is not None
     os.kill(pid, sig)
-    wait_for(lambda: not alive(pid), 5, "wireguard-go to exit")
+    wait_for(lambda: not process_alive(pid), 5, "wireguard-go to exit")
     # SIGKILL leaves a socket nobody listens on (refused); SIGTERM removes it (not found).
     assert dev.socket_path.exists() is (sig == signal.SIGKILL)
     assert not dev.device_exists()
@@ -634,7 +623,7 @@ def test_delete_device_stops_the_process_and_removes_its_files(lab: Lab) -> None
 
     dev.delete_device()
 
-    assert not alive(pid)
+    assert not process_alive(pid)
     assert not dev.socket_path.exists()
     assert not dev.pid_path.exists()
     assert not dev.device_exists()

@@ -99,6 +99,7 @@ class Lab:
         self.cp: controlplane.ControlPlane | None = None
         self._api: k8s.ApiClient | None = None
         self.agent_args: tuple[str, ...] = ()
+        self.agent_global_args: tuple[str, ...] = ()  # before the subcommand, e.g. logging
 
     # -- layout ---------------------------------------------------------------------------
 
@@ -243,8 +244,9 @@ class Lab:
         self.node_dir(node).mkdir(parents=True, exist_ok=True)
         config = kubeconfig or self.agent_kubeconfig
         argv = ["nsenter", f"--net=/run/netns/{node.netns}", sys.executable, "-m", "wgmanager",
-                "agent", "--node-name", node.name, "--kubeconfig", str(config),
-                "--cluster-cidrs", ",".join(CLUSTER_CIDRS), "--listen-port", str(LISTEN_PORT),
+                *self.agent_global_args, "agent", "--node-name", node.name,
+                "--kubeconfig", str(config), "--cluster-cidrs", ",".join(CLUSTER_CIDRS),
+                "--listen-port", str(LISTEN_PORT),
                 "--health-port", str(HEALTH_PORT), *self.node_args(node), *self.agent_args,
                 *extra_args]
         with open(self.agent_log_file(node), "ab") as log:

@@ -180,7 +180,7 @@ class UserspaceBackend:
         if pid is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
-            _await(lambda: not _alive(pid), self.timeout)
+            _await(lambda: not process_alive(pid), self.timeout)
         with contextlib.suppress(FileNotFoundError):
             self.pid_path.unlink()
         if self.socket_path.exists() and not self.device_exists():
@@ -222,7 +222,7 @@ class UserspaceBackend:
             pid = int(self.pid_path.read_text().strip())
         except (FileNotFoundError, ValueError):
             return None
-        return pid if _alive(pid) else None
+        return pid if process_alive(pid) else None
 
     def _start_process(self) -> None:
         check_can_start(self.binary)  # before the log file makes the directory
@@ -317,7 +317,8 @@ def _describe(op: PeerOp) -> str:
     return f"{verb} peer {op.public_key.short()}"
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether wireguard-go (or any process) ``pid`` still runs (also used by the tests)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
