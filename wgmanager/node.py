@@ -59,6 +59,7 @@ from wgmanager.core.rotation import (
     progress,
     published,
     routes,
+    stale_sessions,
 )
 from wgmanager.datapath import links
 from wgmanager.datapath.bpf import Hook, Program, attachments, detach
@@ -239,6 +240,13 @@ class NodeReconciler:
                     ops += self._apply_peers(backend, mesh)
             device = cur.read()
             alt_device = alt.read() if alt is not None else None
+            stale = stale_sessions(rot, remote, device, alt_device)
+            if stale:
+                # Before the next key is withdrawn (after this reconcile): see stale_sessions.
+                resets = [AddPeer(mesh.peers[k], fresh=True) for k in stale if k in mesh.peers]
+                cur.apply(resets)
+                ops += resets
+                device = cur.read()
             done = confirmed(rot, remote, device, alt_device)
             map_plan = plan_map(
                 datapath_map(mesh, device, self.mesh_config, alt=alt_device,

@@ -511,6 +511,24 @@ def test_withdrawing_an_allowed_ip_never_rewrites_the_peers_other_ones(lab: Lab)
     assert remaining == set(nets("10.99.1.0/24"))
 
 
+def test_a_fresh_add_drops_the_session_and_a_plain_add_keeps_it(lab: Lab) -> None:
+    """Key rotation's rollback resets a peer whose session the other side has forgotten
+    (wgmanager.core.rotation.stale_sessions): the peer must come back with the same
+    configuration but no session, so the device handshakes before sending again."""
+    pair = live_pair(lab, nets("10.99.2.0/24"))
+    dev, key = pair.a, pair.peer_b.public_key
+
+    dev.apply([AddPeer(pair.peer_b)])
+    kept = dev.read().peers[key]
+    assert (kept.last_handshake, kept.rx_bytes, kept.tx_bytes) == (
+        pair.session.last_handshake, pair.session.rx_bytes, pair.session.tx_bytes)
+
+    dev.apply([AddPeer(pair.peer_b, fresh=True)])
+    fresh = dev.read().peers[key]
+    assert fresh.config() == pair.peer_b
+    assert (fresh.last_handshake, fresh.rx_bytes, fresh.tx_bytes) == (None, 0, 0)
+
+
 # -- 5. errors ---------------------------------------------------------------------------
 
 

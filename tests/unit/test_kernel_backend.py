@@ -217,6 +217,13 @@ def test_withdrawal_goes_through_a_throwaway_peer_never_the_real_one() -> None:
     ]
 
 
+def test_a_fresh_add_removes_the_peer_then_adds_it() -> None:
+    peer = PeerConfig(pub(4), None, nets("10.4.0.0/24"))
+    assert peer_requests(AddPeer(peer, fresh=True), THROWAWAY) == [
+        {"public_key": pub(4).base64(), "remove": True},
+        *peer_requests(AddPeer(peer), THROWAWAY)]
+
+
 def test_remove_peer() -> None:
     assert peer_requests(RemovePeer(pub(4)), THROWAWAY) == [
         {"public_key": pub(4).base64(), "remove": True}]

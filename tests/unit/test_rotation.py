@@ -40,6 +40,7 @@ from wgmanager.core.rotation import (
     roll_back,
     routes,
     schedule_due,
+    stale_sessions,
     status_annotation,
     step,
 )
@@ -151,6 +152,33 @@ def test_rollback_confirmation_is_a_new_handshake_on_the_old_device_or_never_swi
     assert confirmed(rb, [b, c, d], cur, alt) == {"b", "d"}
     assert routes(rb, [b, c, d], frozenset({"b", "d"})) == {
         "b": Route.CURRENT, "c": Route.BOTH, "d": Route.CURRENT}
+
+
+def test_rollback_resets_old_sessions_of_peers_that_had_switched_once() -> None:
+    b, c, d, e = node("b", 2), node("c", 3), node("d", 4), node("e", 5)
+    rb = roll_back(switching(100.0), 200.0, "x")
+    # b switched (old session older than its new one); c is back already (newer on the old
+    # device); d never switched; e was reset already (no handshake on the old device).
+    cur = device({b: 90.0, c: 201.0, d: 90.0, e: None})
+    alt = device({b: 120.0, c: 120.0, d: None, e: 120.0})
+    assert stale_sessions(rb, [b, c, d, e], cur, alt) == (b.public_key,)
+    # Only a rollback sends peers back to the old device.
+    assert stale_sessions(switching(100.0), [b], cur, alt) == ()
+    assert stale_sessions(RotationState(), [b], cur, None) == ()
+
+
+@given(st.lists(st.tuples(st.one_of(st.none(), st.floats(0, 1e6)),
+                          st.one_of(st.none(), st.floats(0, 1e6))), max_size=6))
+def test_a_reset_peer_is_never_stale_again(handshakes: list[tuple[float | None, float | None]],
+                                           ) -> None:
+    remote = [node(f"n{i}", i + 2) for i in range(len(handshakes))]
+    rb = roll_back(switching(100.0), 200.0, "x")
+    cur = device({n: hs[0] for n, hs in zip(remote, handshakes, strict=True)})
+    alt = device({n: hs[1] for n, hs in zip(remote, handshakes, strict=True)})
+    stale = set(stale_sessions(rb, remote, cur, alt))
+    after = device({n: None if n.public_key in stale else hs[0]
+                    for n, hs in zip(remote, handshakes, strict=True)})
+    assert stale_sessions(rb, remote, after, alt) == ()
 
 
 def test_no_steering_outside_switch_and_rollback() -> None:

@@ -267,6 +267,13 @@ def test_add_peer_lines() -> None:
     ]
 
 
+def test_a_fresh_add_removes_the_peer_first_in_the_same_request() -> None:
+    peer = PeerConfig(K1, ep("192.168.1.1:51820"), frozenset({net("10.0.1.0/24")}))
+    lines = uapi.op_lines(AddPeer(peer, fresh=True))
+    assert lines[:2] == [f"public_key={K1.hex()}", "remove=true"]
+    assert lines[2:] == uapi.op_lines(AddPeer(peer))
+
+
 def test_add_peer_key_is_lowercase_hex() -> None:
     line = uapi.op_lines(AddPeer(PeerConfig(K2, None, frozenset())))[0]
     assert line == "public_key=" + "02" * KEY_LEN

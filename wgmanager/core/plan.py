@@ -29,7 +29,13 @@ from wgmanager.core.model import (
 
 @dataclass(frozen=True, slots=True)
 class AddPeer:
+    """Adds ``peer``, or rewrites it if the device has it. With ``fresh`` an existing peer is
+    removed first, which drops its sessions: the device then queues traffic for it and starts
+    a handshake, instead of encrypting with a session the other side has forgotten (see
+    ``wgmanager.core.rotation.stale_sessions``)."""
+
     peer: PeerConfig
+    fresh: bool = False
 
     @property
     def public_key(self) -> PublicKey:

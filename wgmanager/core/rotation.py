@@ -45,6 +45,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from wgmanager.core.keys import PublicKey
 from wgmanager.core.mesh import Route
 from wgmanager.core.model import DeviceState, Node
 
@@ -219,6 +220,30 @@ def confirmed(state: RotationState, remote: Iterable[Node], current: DeviceState
             if on_alt is None or (on_cur is not None and on_cur >= rot.started):
                 out.add(node.name)
     return frozenset(out)
+
+
+def stale_sessions(state: RotationState, remote: Iterable[Node], current: DeviceState,
+                   alt: DeviceState | None) -> tuple[PublicKey, ...]:
+    """Peers whose session on the old device died when they switched to the new key.
+
+    A peer that switched dropped its old entry for us, sessions included. When a ROLLBACK
+    sends it back, it starts afresh, but our old device still holds the session from before
+    the switch and would encrypt with it: until the peer's new handshake reaches us, every
+    copy we send it is lost (the new device's copy too, as the peer has just dropped that
+    key). A device with no session queues the packets and starts a handshake instead. So in
+    ROLLBACK such a peer is reset on the old device before the next key is withdrawn: its
+    handshake there is older than the one on the new device. After the reset (no handshake)
+    or once the peer is back (a newer one), it is not stale any more.
+    """
+    rot = state.rotation
+    if rot is None or rot.phase is not Phase.ROLLBACK or alt is None:
+        return ()
+    out: list[PublicKey] = []
+    for node in remote:
+        on_cur, on_alt = _handshake(current, node), _handshake(alt, node)
+        if on_cur is not None and on_alt is not None and on_cur < on_alt:
+            out.append(node.public_key)
+    return tuple(out)
 
 
 def _handshake(device: DeviceState, node: Node) -> float | None:

@@ -26,7 +26,6 @@ package into /var/cache/wgmanager (scripts/build-kube-apiserver.sh).
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import datetime
 import http.client
@@ -235,13 +234,18 @@ class ControlPlane:
     # -- clients ------------------------------------------------------------------------
 
     def write_kubeconfig(self, path: Path, token: str) -> Path:
-        """A self-contained kubeconfig (CA embedded) for whoever holds ``token``."""
+        """A kubeconfig for whoever holds ``token``.
+
+        The CA is named by path, not embedded: the kubernetes client copies embedded
+        ``-data`` into a temporary file it removes only at a clean exit, so every SIGKILLed
+        agent (the crash tests kill many) would leave one behind in /tmp.
+        """
         user = next((t.user for t in self._tokens if t.token == token), "user")
-        ca_data = base64.b64encode(self.ca_cert.read_bytes()).decode()
         config = {
             "apiVersion": "v1", "kind": "Config",
             "clusters": [{"name": "wgmanager-lab",
-                          "cluster": {"server": self.url, "certificate-authority-data": ca_data}}],
+                          "cluster": {"server": self.url,
+                                      "certificate-authority": str(self.ca_cert.resolve())}}],
             "users": [{"name": user, "user": {"token": token}}],
             "contexts": [{"name": "wgmanager-lab",
                           "context": {"cluster": "wgmanager-lab", "user": user}}],

@@ -219,6 +219,8 @@ def peer_requests(op: PeerOp, throwaway: PublicKey) -> list[PeerRequest]:
                             "persistent_keepalive": p.persistent_keepalive}
         if p.endpoint is not None:
             add.update(endpoint_addr=str(p.endpoint.host), endpoint_port=p.endpoint.port)
+        if op.fresh:
+            return [{"public_key": p.public_key.base64(), "remove": True}, add]
         return [add]
     reqs: list[PeerRequest] = []
     upd: PeerRequest = {"public_key": op.public_key.base64(), "update_only": True}
@@ -239,6 +241,8 @@ def peer_requests(op: PeerOp, throwaway: PublicKey) -> list[PeerRequest]:
 
 def _describe_op(op: PeerOp) -> str:
     verb = {AddPeer: "add", UpdatePeer: "update", RemovePeer: "remove"}[type(op)]
+    if isinstance(op, AddPeer) and op.fresh:
+        verb = "reset"
     return f"{verb} peer {op.public_key.short()}"
 
 

@@ -51,7 +51,9 @@ def op_lines(op: PeerOp, throwaway: PublicKey | None = None) -> list[str]:
     """
     if isinstance(op, AddPeer):
         p = op.peer
-        lines = [f"public_key={p.public_key.hex()}", "replace_allowed_ips=true"]
+        # One request, so wireguard-go holds its configuration lock across remove and add.
+        lines = [f"public_key={p.public_key.hex()}", "remove=true"] if op.fresh else []
+        lines += [f"public_key={p.public_key.hex()}", "replace_allowed_ips=true"]
         if p.endpoint is not None:
             lines.append(f"endpoint={p.endpoint}")
         lines.append(f"persistent_keepalive_interval={p.persistent_keepalive}")

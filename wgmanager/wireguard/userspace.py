@@ -312,7 +312,7 @@ class UserspaceBackend:
 
 
 def _describe(op: PeerOp) -> str:
-    verb = "adding" if isinstance(op, AddPeer) else (
+    verb = ("resetting" if op.fresh else "adding") if isinstance(op, AddPeer) else (
         "removing" if isinstance(op, RemovePeer) else "updating")
     return f"{verb} peer {op.public_key.short()}"
 
