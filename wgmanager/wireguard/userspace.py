@@ -332,14 +332,20 @@ def process_alive(pid: int) -> bool:
             return False
     # Alive while any thread runs: after a kill a Go process's leader can be a zombie while
     # other threads (still holding the socket and the TUN) exit; threads already dead
-    # linger in task/ in state X (or Z) for a moment and must not count.
+    # linger in task/ in state X (or Z) for a moment and must not count. A thread that
+    # vanishes between listing and reading says nothing about the others: read them all.
     try:
-        for task in os.listdir(f"/proc/{pid}/task"):
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    for task in tasks:
+        try:
             with open(f"/proc/{pid}/task/{task}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
-                    return True
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        pass
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+        if state not in ("Z", "X"):
+            return True
     return False
 
 
