@@ -132,8 +132,8 @@ def rotate(api: NodesAPI, names: Sequence[str] | None, *, max_concurrent: int = 
             jobs.append(Job(name, key))
     if max_concurrent > 1 and len(jobs) > 1:
         print("warning: --max-concurrent > 1: two nodes rotating at the same time can lose "
-              "the traffic between them for several seconds (a known issue, see "
-              "docs/operations.md); --max-concurrent 1 loses nothing", file=err)
+              "a packet or two between them (a known issue, see docs/operations.md); "
+              "--max-concurrent 1 loses nothing", file=err)
     progress = Progress(out, len(jobs))
     deadline = clock() + timeout
     failed = False
