@@ -26,6 +26,7 @@ import pytest
 
 from tests.integration.harness import RUN_ROOT, cleanup_prefix
 from wgmanager.core.keys import PrivateKey
+from wgmanager.lab.lab import await_condition
 from wgmanager.wireguard.backend import DeviceSettings
 from wgmanager.wireguard.userspace import UserspaceBackend
 
@@ -33,11 +34,7 @@ FIRST_PORT = 22000  # below the ephemeral range; distinct from the backend test'
 
 
 def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
+    await_condition(cond, timeout, what, interval=0.02)
 
 
 @dataclass

@@ -43,6 +43,7 @@ from wgmanager.core.plan import (
     plan_peers,
 )
 from wgmanager.errors import BackendUnavailable, DeviceError
+from wgmanager.lab.lab import await_condition
 from wgmanager.wireguard import uapi
 from wgmanager.wireguard.backend import DeviceSettings
 from wgmanager.wireguard.userspace import UserspaceBackend, process_alive
@@ -82,11 +83,7 @@ def new_key() -> PublicKey:
 
 
 def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
+    await_condition(cond, timeout, what, interval=0.02)
 
 
 
