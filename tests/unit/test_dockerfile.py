@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 # What the agent, its sidecar and the chart's containers run in the image.
-IMAGE_PACKAGES = {"python3", "python3-venv", "python3-bpfcc", "bpfcc-tools", "wireguard-go",
-                  "wireguard-tools", "iproute2"}
+IMAGE_PACKAGES = {"python3", "python3-venv", "python3-bpfcc", "bpfcc-tools", "wireguard-tools",
+                  "iproute2"}
 
 
 def instructions() -> list[tuple[str, str]]:
@@ -73,6 +73,17 @@ def test_debian_12_with_the_packages_the_node_tests_use() -> None:
     setup_packages = {word for line in listed.group(1).splitlines()
                       for word in line.split("#")[0].split()}
     assert IMAGE_PACKAGES - {"python3"} <= setup_packages
+
+
+def test_wireguard_go_is_the_backports_build_make_setup_pins() -> None:
+    """The image runs the same wireguard-go the tests and benchmarks ran (TUN offloads)."""
+    runs = " ".join(args for kw, args in instructions() if kw == "RUN")
+    pinned = re.search(r'VERSION="\$\{WG_GO_VERSION:-(\S+?)\}"',
+                       (ROOT / "scripts" / "install-wireguard-go.sh").read_text())
+    assert pinned is not None
+    assert "bookworm-backports main" in runs
+    assert re.search(r"-t bookworm-backports\s+wireguard-go=" + re.escape(pinned.group(1)),
+                     runs), runs
 
 
 def test_the_venv_sees_debians_bcc_and_is_the_entrypoint() -> None:
