@@ -170,7 +170,11 @@ class Agent:
             while not self._stop.is_set():
                 self.heartbeat = time.monotonic()
                 rotating = self.rotator.active
-                fired = self._dirty.wait(poll if rotating else self.timing.device_check_interval)
+                wait = poll if rotating else self.timing.device_check_interval
+                deadline = self.reconciler.next_deadline()  # a replaced peer to remove
+                if deadline is not None:
+                    wait = max(0.0, min(wait, deadline - time.monotonic()))
+                fired = self._dirty.wait(wait)
                 if self._stop.is_set():
                     break
                 if fired:
@@ -185,7 +189,8 @@ class Agent:
                     changes = self._annotation_changes(me)
                     if changes:
                         next_publish = now + self._publish(changes, publish_backoff)
-                due = fired or rotating or now >= next_resync or not self._device_ok()
+                due = (fired or rotating or now >= next_resync or not self._device_ok()
+                       or (deadline is not None and now >= deadline))
                 if not due:
                     continue
                 with self._lock:

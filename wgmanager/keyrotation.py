@@ -84,9 +84,12 @@ class KeyRotator:
         self.state = self.store.load_rotation()
         self._crash_at = crash_at
         self._clock = clock
-        # The phase (SWITCH or ROLLBACK) whose steering a reconcile in this process applied:
-        # only then may the next key be published (SWITCH) or withdrawn (ROLLBACK).
-        self._steered: Phase | None = None
+        # The rotation (request, phase: SWITCH or ROLLBACK) whose steering a reconcile in
+        # this process applied: only then may the next key be published (SWITCH) or
+        # withdrawn (ROLLBACK). The request is part of it: a phase alone would still match
+        # after the previous rotation in this process, and the next key would go out before
+        # the clone-to-both steering (peers switched up to a second early, losing packets).
+        self._steered: tuple[str, Phase] | None = None
         self.progress: Progress | None = None
 
     @property
@@ -94,13 +97,13 @@ class KeyRotator:
         return self.state.rotation is not None
 
     @property
-    def steered(self) -> Phase | None:
-        """The phase whose steering this process has applied (see ``annotations``)."""
+    def steered(self) -> tuple[str, Phase] | None:
+        """The rotation phase whose steering this process has applied (``annotations``)."""
         return self._steered
 
     def _steered_now(self) -> bool:
         rot = self.state.rotation
-        return rot is not None and self._steered is rot.phase
+        return rot is not None and self._steered == (rot.request, rot.phase)
 
     # -- around each reconcile --------------------------------------------------------
 
@@ -129,7 +132,7 @@ class KeyRotator:
             self._save(prepared(self.state, now))
             self._crash("switch-persisted")
             return None
-        self._steered = rot.phase  # this reconcile applied the phase's steering
+        self._steered = (rot.request, rot.phase)  # this reconcile applied its steering
         if progress is None:
             return None
         new = step(self.state, progress, now, self.settings.timeout)

@@ -130,10 +130,6 @@ def rotate(api: NodesAPI, names: Sequence[str] | None, *, max_concurrent: int = 
                                   f"{PUBLIC_KEY_ANNOTATION} annotation); check that the "
                                   "wgmanager pod runs on it")
             jobs.append(Job(name, key))
-    if max_concurrent > 1 and len(jobs) > 1:
-        print("warning: --max-concurrent > 1: two nodes rotating at the same time can lose "
-              "a packet or two between them (a known issue, see docs/operations.md); "
-              "--max-concurrent 1 loses nothing", file=err)
     progress = Progress(out, len(jobs))
     deadline = clock() + timeout
     failed = False

@@ -76,30 +76,42 @@ def no_old_keys(kc: KubeCluster, old: dict[str, str]) -> list[str]:
     return found
 
 
-def test_rotate_all_under_traffic_loses_nothing(kc: KubeCluster) -> None:
+@pytest.mark.parametrize("max_concurrent", [1, 2])
+def test_rotate_all_under_traffic_loses_nothing(kc: KubeCluster, max_concurrent: int) -> None:
+    """Every node rotates, one at a time or two at once (with 3 nodes, n1 and n2 rotate
+    together: both ends of the n1 <-> n2 pings switch at the same moment). 2 ms pings each
+    way between them, one more to n3 and a TCP stream: not one echo may be lost."""
     n1, n2, n3 = kc.lab.nodes
     old = keys(kc)
     with traffic.tcp_server(n1.pods[0], TCP_PORT), kc.capture("rotate-all") as cap:
-        ping12 = traffic.continuous_ping(n1.pods[0], n2.pods[0].ipv4, seconds=25)
-        ping23 = traffic.continuous_ping(n2.pods[0], n3.pods[0].ipv6, seconds=25)
+        pings = {
+            "n1->n2": traffic.continuous_ping(n1.pods[0], n2.pods[0].ipv4, seconds=25,
+                                              interval=0.002),
+            "n2->n1": traffic.continuous_ping(n2.pods[0], n1.pods[0].ipv6, seconds=25,
+                                              interval=0.002),
+            "n2->n3": traffic.continuous_ping(n2.pods[0], n3.pods[0].ipv6, seconds=25,
+                                              interval=0.002),
+        }
         stream = traffic.tcp_stream(n3.pods[0], n1.pods[0].ipv4, TCP_PORT, seconds=25)
         started = time.monotonic()
-        rc, out = finish(rotate_keys(kc, "--all", "--timeout", "120"))
+        rc, out = finish(rotate_keys(kc, "--all", "--max-concurrent", str(max_concurrent),
+                                     "--timeout", "120"))
         took = time.monotonic() - started
-        sent12, got12 = ping12.result()
-        sent23, got23 = ping23.result()
+        results = {name: ping.result() for name, ping in pings.items()}
         streamed = stream.result()
-    print(f"\nrotate-keys --all on 3 nodes: {took:.1f}s; ping {got12}/{sent12} and "
-          f"{got23}/{sent23}; stream {streamed}")
+    print(f"\nrotate-keys --all --max-concurrent {max_concurrent} on 3 nodes: {took:.1f}s; "
+          f"pings (sent, received) {results}; stream {streamed}")
     assert rc == 0, out + kc.diagnose()
     assert took < 25, "the rotation outlasted the traffic: the test proves less than it says"
     new = keys(kc)
     assert all(new[n] != old[n] for n in new), (old, new)
-    assert (sent12, sent23) == (got12, got23), out + kc.diagnose()
+    lost = {name: sent - got for name, (sent, got) in results.items() if sent != got}
+    assert not lost, f"echoes lost: {lost}\n" + out + kc.diagnose()
     assert streamed["ok"], streamed
     assert cap.plaintext_pod_packets() == 0
     assert cap.unexpected_packets() == 0
-    assert no_old_keys(kc, old) == []
+    # Peers replaced by a new key leave the devices after a 1 s grace (REPLACED_PEER_GRACE).
+    await_condition(lambda: no_old_keys(kc, old) == [], 10, "old keys to leave every device")
     assert kc.converged(list(kc.lab.nodes))
     for node in kc.lab.nodes:  # the retired private keys are gone from disk
         store = KeyStore(kc.lab.node_dir(node) / "state")
@@ -111,32 +123,6 @@ def test_rotate_all_under_traffic_loses_nothing(kc: KubeCluster) -> None:
         assert status["key_rotation"]["phase"] == "idle"
         assert status["key_rotation"]["last_result"] == "completed"
         assert status["key"]["age_seconds"] < 60
-
-
-@pytest.mark.xfail(strict=False, reason="known issue: two peers rotating at once can lose "
-                   "a packet or two between them (2 of 6 manual runs); rotate-keys warns "
-                   "for --max-concurrent > 1 (docs/operations.md)")
-def test_two_peers_rotating_at_once_keep_talking(kc: KubeCluster) -> None:
-    """--max-concurrent 2: two nodes switch to each other's new keys at the same moment.
-    Each new device must handshake with the other's new device at once (a first attempt
-    made before the other side knew the key fails silently, and WireGuard would retry only
-    after 5 s)."""
-    n1, n2, n3 = kc.lab.nodes
-    old = keys(kc)
-    with kc.capture("rotate-two") as cap:
-        ping12 = traffic.continuous_ping(n1.pods[0], n2.pods[0].ipv4, seconds=15)
-        ping21 = traffic.continuous_ping(n2.pods[0], n1.pods[0].ipv6, seconds=15)
-        rc, out = finish(rotate_keys(kc, n1.name, n2.name, "--max-concurrent", "2",
-                                     "--timeout", "60"))
-        sent12, got12 = ping12.result()
-        sent21, got21 = ping21.result()
-    assert rc == 0, out
-    new = keys(kc)
-    assert new[n1.name] != old[n1.name] and new[n2.name] != old[n2.name]
-    assert new[n3.name] == old[n3.name]
-    assert (sent12, sent21) == (got12, got21), out + kc.diagnose()
-    assert cap.plaintext_pod_packets() == 0
-    assert no_old_keys(kc, {n: old[n] for n in (n1.name, n2.name)}) == []
 
 
 @pytest.mark.parametrize("point", [p for p in CRASH_POINTS if not p.startswith("rollback")])
@@ -160,7 +146,8 @@ def test_agent_killed_at_each_step_still_finishes(kc: KubeCluster, point: str) -
     assert keys(kc)[n2.name] != old[n2.name]
     assert (sent, sent_back) == (got, got_back), kc.diagnose()
     assert cap.plaintext_pod_packets() == 0
-    assert no_old_keys(kc, {n2.name: old[n2.name]}) == []
+    await_condition(lambda: no_old_keys(kc, {n2.name: old[n2.name]}) == [], 10,
+                    "n2's old key to leave every device")
 
 
 def test_a_peer_that_never_switches_rolls_the_rotation_back(kc: KubeCluster) -> None:

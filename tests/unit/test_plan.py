@@ -29,6 +29,7 @@ from wgmanager.core.plan import (
     RemovePeer,
     UpdatePeer,
     apply_peer_ops,
+    defer_replaced_removals,
     plan_map,
     plan_peers,
 )
@@ -533,3 +534,47 @@ def test_a_roamed_endpoint_is_not_rewritten_on_every_resync() -> None:
     assert plan_peers(moved, adopt_roamed_endpoints(moved, actual, {key: want})) != []
     assert configured(desired[key], actual[key])
     assert not configured(desired[key], PeerState(key, want, frozenset()))
+
+
+# -- a replaced peer stays a moment (defer_replaced_removals) -----------------------------
+
+def _peer(n: int, *cidrs: str) -> PeerConfig:
+    return PeerConfig(key(n), None, frozenset(ipaddress.ip_network(c) for c in cidrs))
+
+
+def _held(n: int, *cidrs: str) -> PeerState:
+    return PeerState(key(n), None, frozenset(ipaddress.ip_network(c) for c in cidrs))
+
+
+def test_a_peer_replaced_by_a_new_key_is_removed_only_after_its_grace() -> None:
+    """WireGuard discards what a removed peer is still encrypting or sending; packets
+    routed to it a moment before its allowed IPs moved would be lost (1 in ~36,000
+    echoes at 2 ms pings)."""
+    have = {key(2): _held(2, "10.244.2.0/24")}
+    ops = plan_peers({key(7): _peer(7, "10.244.2.0/24")}, have)
+    retiring: dict[PublicKey, float] = {}
+    first = defer_replaced_removals(ops, have, retiring, now=100.0, grace=1.0)
+    assert first == [op for op in ops if not isinstance(op, RemovePeer)]
+    assert retiring == {key(2): 101.0}
+    after = apply_peer_ops(have, first)  # key 2 now holds nothing; key 7 holds the CIDR
+    again = plan_peers({key(7): _peer(7, "10.244.2.0/24")}, after)
+    assert defer_replaced_removals(again, after, retiring, now=100.5, grace=1.0) == []
+    assert defer_replaced_removals(again, after, retiring, now=101.0, grace=1.0) == [
+        RemovePeer(key(2))]
+    assert retiring == {}
+
+
+def test_a_peer_that_simply_leaves_is_removed_at_once() -> None:
+    have = {key(2): _held(2, "10.244.2.0/24"), key(3): _held(3, "10.244.3.0/24")}
+    ops = plan_peers({key(3): _peer(3, "10.244.3.0/24")}, have)
+    retiring: dict[PublicKey, float] = {}
+    assert defer_replaced_removals(ops, have, retiring, now=5.0, grace=1.0) == ops
+    assert retiring == {}
+
+
+def test_a_retiring_peer_wanted_again_is_forgotten() -> None:
+    have = {key(2): _held(2)}
+    retiring = {key(2): 50.0}
+    ops = plan_peers({key(2): _peer(2, "10.244.2.0/24")}, have)
+    defer_replaced_removals(ops, have, retiring, now=10.0, grace=1.0)
+    assert retiring == {}

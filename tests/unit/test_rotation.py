@@ -12,7 +12,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from wgmanager.core.keys import PrivateKey, PublicKey
-from wgmanager.core.mesh import Route, compute_mesh, datapath_map, parse_node
+from wgmanager.core.mesh import (
+    Route,
+    compute_mesh,
+    datapath_map,
+    held_key,
+    old_device_peers,
+    parse_node,
+)
 from wgmanager.core.model import (
     Action,
     DeviceState,
@@ -285,6 +292,61 @@ def test_peers_follow_the_rotating_node_to_its_new_key_and_port() -> None:
     assert peer.endpoint is not None and peer.endpoint.port == 51821
     assert key(2) not in mesh.peers
     assert others_rotating(mesh.nodes) == ("b",)
+
+
+# -- two nodes rotating at once: the old device keeps the key it holds ------------------
+
+def _rotating_b(*, next_key: bool = True) -> list[NodeSpec]:
+    return [NodeSpec("a", ("192.168.0.1",), ("10.244.1.0/24",)),
+            NodeSpec("b", ("192.168.0.2",), ("10.244.2.0/24",), key(2).base64(), port="51820",
+                     next_public_key=key(7).base64() if next_key else None,
+                     next_port="51821" if next_key else None)]
+
+
+def _holding(*keys: PublicKey) -> DeviceState:
+    return DeviceState("wgm0", key(1), 51820, peers={
+        k: PeerState(k, None, frozenset({net("10.244.2.0/24")})) for k in keys})
+
+
+def test_a_rotating_nodes_old_device_keeps_the_previous_key_it_holds() -> None:
+    # b rotates (published key 2 -> next key 7) while we rotate too: our old device holds 2,
+    # which b still accepts on its old device, so that pair stays untouched.
+    mesh = compute_mesh(local_name="a", local_key=key(1), specs=_rotating_b(),
+                        config=MeshConfig())
+    b = mesh.nodes["b"]
+    assert (b.previous_key, b.previous_port) == (key(2), 51820)
+    peers = old_device_peers(mesh, _holding(key(2)), MeshConfig())
+    assert set(peers) == {key(2)}
+    assert peers[key(2)].endpoint is not None and peers[key(2)].endpoint.port == 51820
+    assert peers[key(2)].allowed_ips == mesh.peers[key(7)].allowed_ips
+    assert held_key(_holding(key(2)), b) == key(2)
+
+
+@pytest.mark.parametrize(("holds", "want"), [
+    ((key(7),), key(7)),  # already switched (while we were idle): never switch back
+    ((), key(7)),  # a node we hold nothing for yet: its newest key
+    ((key(9),), key(7)),  # a key b no longer publishes (it finished or rolled back)
+])
+def test_the_old_device_otherwise_takes_the_newest_key(holds: tuple[PublicKey, ...],
+                                                        want: PublicKey) -> None:
+    mesh = compute_mesh(local_name="a", local_key=key(1), specs=_rotating_b(),
+                        config=MeshConfig())
+    assert set(old_device_peers(mesh, _holding(*holds), MeshConfig())) == {want}
+
+
+def test_after_the_peer_finished_the_old_device_moves_to_its_only_key() -> None:
+    mesh = compute_mesh(local_name="a", local_key=key(1), specs=_rotating_b(next_key=False),
+                        config=MeshConfig())
+    assert mesh.nodes["b"].previous_key is None
+    assert set(old_device_peers(mesh, _holding(key(7)), MeshConfig())) == {key(2)}
+
+
+def test_a_previous_key_the_device_holds_counts_as_ready_in_the_datapath() -> None:
+    mesh = compute_mesh(local_name="a", local_key=key(1), specs=_rotating_b(),
+                        config=MeshConfig())
+    entries = datapath_map(mesh, _holding(key(2)), MeshConfig())
+    assert entries[net("10.244.2.0/24")] is Action.REDIRECT
+    assert datapath_map(mesh, _holding(), MeshConfig())[net("10.244.2.0/24")] is Action.DROP
 
 
 # -- persistence, status, schedule ------------------------------------------------------

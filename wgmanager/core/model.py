@@ -61,6 +61,10 @@ class Node:
     public_key: PublicKey  # the key peers use: the next key while the node rotates
     port: int | None = None  # None: the cluster's listen port
     rotating: bool = False  # the node published a next key (and public_key is that key)
+    # While it rotates, the key (and port) it is moving away from: still live on its old
+    # device, which a rotating peer's old device keeps using (wgmanager.core.rotation).
+    previous_key: PublicKey | None = None
+    previous_port: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

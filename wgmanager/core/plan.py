@@ -119,6 +119,38 @@ def plan_peers(desired: Mapping[PublicKey, PeerConfig],
     return adds + updates + removes
 
 
+def defer_replaced_removals(ops: list[PeerOp], have: Mapping[PublicKey, PeerState],
+                            retiring: dict[PublicKey, float], now: float,
+                            grace: float) -> list[PeerOp]:
+    """``ops`` with the removal of just-replaced peers held back until their grace ends.
+
+    A peer is just replaced when the device holds allowed IPs for it that these operations
+    give to another peer. Its removal is recorded in ``retiring`` (key -> earliest removal)
+    and planned again by a later reconcile; ``retiring`` forgets keys no longer removed.
+    """
+    taken: set[IPNetwork] = set()
+    for op in ops:
+        if isinstance(op, AddPeer):
+            taken |= op.peer.allowed_ips
+        elif isinstance(op, UpdatePeer):
+            taken |= op.add_allowed_ips
+    out: list[PeerOp] = []
+    removing: set[PublicKey] = set()
+    for op in ops:
+        if isinstance(op, RemovePeer):
+            removing.add(op.public_key)
+            held = have[op.public_key].allowed_ips if op.public_key in have else frozenset()
+            if held & taken:
+                retiring.setdefault(op.public_key, now + grace)
+            if retiring.get(op.public_key, now) > now:
+                continue
+            retiring.pop(op.public_key, None)
+        out.append(op)
+    for key in set(retiring) - removing:
+        del retiring[key]  # wanted again, or gone by other means
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class MapPlan:
     upserts: Mapping[IPNetwork, Action]
