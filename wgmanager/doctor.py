@@ -19,14 +19,12 @@ and API probes are in ``wgmanager.doctor_net``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ctypes
 import errno
 import os
 import platform
 import secrets
 import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -43,6 +41,7 @@ from wgmanager.doctor_net import (
     check_rp_filter,
 )
 from wgmanager.doctor_rules import (
+    CAP_NET_ADMIN,
     Check,
     capabilities_check,
     clock_skew_check,
@@ -51,6 +50,7 @@ from wgmanager.doctor_rules import (
     parse_capeff,
     render,
     to_json,
+    wireguard_go_check,
 )
 from wgmanager.kernel_errors import explain
 
@@ -208,31 +208,22 @@ def check_pin_dir(pin_dir: Path) -> Check:
     return Check("pin-dir", "ok", f"{pin_dir} {where}, writable")
 
 
-def _wireguard_go_version() -> str:
-    for argv in (["dpkg-query", "-W", "-f=${Version}", "wireguard-go"],
-                 ["wireguard-go", "--version"]):
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            res = subprocess.run(argv, capture_output=True, text=True, timeout=5, check=False)
-            if res.returncode == 0 and res.stdout.strip():
-                return res.stdout.strip().splitlines()[0].removeprefix("wireguard-go ")
-    return "(version unknown)"
-
-
 def check_wireguard() -> Check:
+    from wgmanager.wireguard import implementation as impl
     from wgmanager.wireguard.kernel import kernel_unavailable_reason
 
     reason = kernel_unavailable_reason()
     if reason is None:
-        return Check("wireguard", "ok", "kernel")
-    if shutil.which("wireguard-go") is None:
+        module = impl.module_version()
+        return Check("wireguard", "ok", f"kernel (module {module})" if module else "kernel")
+    binary = shutil.which("wireguard-go")
+    if binary is None:
         return Check("wireguard", "fail", f"neither kernel WireGuard nor wireguard-go: {reason}",
                      "apt-get install wireguard-go (or use a kernel with WireGuard)")
-    detail = f"userspace: wireguard-go {_wireguard_go_version()}; {reason}"
-    # Without CAP_NET_ADMIN the probe can find the family but not use it: inconclusive.
-    if "CAP_NET_ADMIN" in reason:
-        return Check("wireguard", "warn", detail,
-                     "run the doctor as root to tell whether kernel WireGuard is usable")
-    return Check("wireguard", "ok", detail)
+    version = impl.binary_version(binary)
+    return wireguard_go_check(binary, version.text(), impl.offload_support(version.version),
+                              reason, offload_fix=impl.OFFLOAD_FIX,
+                              offloads_since=impl.OFFLOADS_SINCE)
 
 
 def check_tun() -> Check:
@@ -245,6 +236,11 @@ def check_tun() -> Check:
         problem, fix = f"{path} is missing", "modprobe tun, or mount /dev/net/tun into the pod"
     except OSError as e:
         problem, fix = f"{path} cannot be opened: {e.strerror}", "run as root or with CAP_NET_ADMIN"
+    if not problem and CAP_NET_ADMIN not in parse_capeff(_read("/proc/self/status")):
+        # Opening is a file permission (a uid 0 without capabilities has it); creating the
+        # device (TUNSETIFF) needs CAP_NET_ADMIN.
+        problem, fix = (f"{path} opens, but creating a TUN device needs CAP_NET_ADMIN, which "
+                        "this process lacks"), "run as root or grant CAP_NET_ADMIN"
     if not problem:
         return Check("tun", "ok", f"{path} opens (wireguard-go needs it)")
     if kernel_unavailable_reason() is None:

@@ -122,7 +122,7 @@ def check_api(kubeconfig: Path | None, in_cluster: bool, out: dict[str, Any]) ->
 
 
 def check_listen_port(port: int, interface: str, socket_dir: Path) -> Check:
-    from wgmanager.wireguard.userspace import UserspaceBackend
+    from wgmanager.wireguard.userspace import UserspaceBackend, serves_device
 
     inodes: set[int] = set()
     for table in ("/proc/net/udp", "/proc/net/udp6"):
@@ -133,7 +133,7 @@ def check_listen_port(port: int, interface: str, socket_dir: Path) -> Check:
     owners = _socket_owners(inodes)
     ours = UserspaceBackend(interface, socket_dir=socket_dir).pid()
     foreign = {pid: comm for pid, (comm, argv) in owners.items()
-               if not (pid == ours or (comm == "wireguard-go" and interface in argv))}
+               if not (pid == ours or serves_device(comm, argv, interface))}
     if owners and not foreign:
         pids = ", ".join(str(p) for p in sorted(owners))
         return Check("listen-port", "ok", f"UDP {port} is held by our wireguard-go for "

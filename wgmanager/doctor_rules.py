@@ -99,6 +99,31 @@ def capabilities_check(caps: frozenset[int]) -> Check:
     return Check("capabilities", "ok", f"effective: {', '.join(have)}")
 
 
+def wireguard_go_check(binary: str, version: str, offloads: bool | None, reason: str, *,
+                       offload_fix: str, offloads_since: str) -> Check:
+    """Userspace WireGuard: ``binary`` and ``version`` (a true version, as text) of the
+    wireguard-go on PATH, whether that version opens its TUN with offloads, and why the
+    kernel's WireGuard is not used. A build without offloads works, slower: a warn."""
+    detail = f"userspace: wireguard-go {binary} {version}"
+    status: Status = "ok"
+    fixes = []
+    if offloads is None:
+        detail += ", TUN offload support unknown"
+        status = "warn"
+        fixes.append(offload_fix)
+    elif not offloads:
+        detail += f", no TUN offloads (older than {offloads_since})"
+        status = "warn"
+        fixes.append(offload_fix)
+    else:
+        detail += ", with TUN offloads"
+    # Without CAP_NET_ADMIN the probe can find the family but not use it: inconclusive.
+    if "CAP_NET_ADMIN" in reason:
+        status = "warn"
+        fixes.insert(0, "run the doctor as root to tell whether kernel WireGuard is usable")
+    return Check("wireguard", status, f"{detail}; {reason}", "; ".join(fixes))
+
+
 def mtu_check(uplink: str, uplink_mtu: int, family: int, interface: str,
               wg_link_mtu: int | None) -> Check:
     """The MTU rule of docs/architecture.md: pod MTU <= WireGuard MTU = uplink - overhead."""

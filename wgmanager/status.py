@@ -1,9 +1,11 @@
 """`wgmanager status`: what this node's encryption looks like right now, for people and scripts.
 
 ``collect`` gathers one JSON-ready document (the stable contract of ``status --json``) from
-the live device, the pinned maps, the tc attachments, the key file and, when the API is
-reachable, the mesh the agent would compute (so nodes without a valid key are listed with
-the reason). ``render`` turns that document into a table. Nothing here writes anything.
+the live device and the implementation serving it (``implementation``: for wireguard-go the
+binary its process runs, a true version and whether its TUN has offloads), the pinned maps,
+the tc attachments, the key file and, when the API is reachable, the mesh the agent would
+compute (so nodes without a valid key are listed with the reason). ``render`` turns that
+document into a table. Nothing here writes anything.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from wgmanager.datapath.bpf import attachments
 from wgmanager.datapath.maps import PinnedMaps
 from wgmanager.errors import WgmError
 from wgmanager.keystore import KeyStore, slot_key
+from wgmanager.wireguard import implementation
 from wgmanager.wireguard.backend import WireGuardBackend
 
 SCHEMA_VERSION = 1
@@ -47,6 +50,7 @@ def collect(settings: NodeSettings, backends: Callable[[str], WireGuardBackend],
     backend = backends(ifname)
     doc: dict[str, Any] = {"schema": SCHEMA_VERSION, "node": settings.node_name,
                            "interface": ifname, "backend": backend.kind.value,
+                           "implementation": implementation.describe(backend),
                            "errors": errors}
     device: DeviceState | None = None
     try:
@@ -169,6 +173,7 @@ def render(doc: dict[str, Any]) -> str:
     lines = [f"node {doc['node']}  interface {doc['interface']} ({doc['backend']})  "
              f"port {doc['listen_port']}  mtu {doc['mtu']}  "
              f"{'OK' if doc['ok'] else 'DEGRADED'}",
+             implementation.render(doc["implementation"]),
              f"public key {doc['public_key']}  key age {_age(doc['key']['age_seconds'])}",
              _render_rotation(doc["key_rotation"])]
     dp = doc["datapath"]

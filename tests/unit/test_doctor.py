@@ -31,8 +31,10 @@ from wgmanager.doctor_rules import (
     render,
     to_json,
     udp_inodes,
+    wireguard_go_check,
 )
 from wgmanager.errors import ConfigError
+from wgmanager.wireguard.implementation import OFFLOAD_FIX, OFFLOADS_SINCE
 
 # --- kernel version ------------------------------------------------------------------------
 
@@ -117,6 +119,43 @@ def test_partial_capabilities(mask: str, status: str, missing: str | None) -> No
 
 
 # --- MTU -----------------------------------------------------------------------------------
+
+# --- wireguard-go --------------------------------------------------------------------------
+
+NO_KERNEL_WG = "kernel WireGuard unavailable: built without it; the userspace backend works"
+
+
+def wg_go(version: str, offloads: bool | None, reason: str = NO_KERNEL_WG) -> Check:
+    return wireguard_go_check("/usr/bin/wireguard-go", version, offloads, reason,
+                              offload_fix=OFFLOAD_FIX, offloads_since=OFFLOADS_SINCE)
+
+
+def test_wireguard_go_with_offloads_is_ok() -> None:
+    check = wg_go("0.0.20231211-1~bpo12+1 (package wireguard-go)", True)
+    assert (check.status, check.fix) == ("ok", "")
+    assert check.detail == ("userspace: wireguard-go /usr/bin/wireguard-go 0.0.20231211-1~bpo12+1 "
+                            f"(package wireguard-go), with TUN offloads; {NO_KERNEL_WG}")
+
+
+def test_wireguard_go_without_offloads_warns_with_the_fix() -> None:
+    check = wg_go("0.0.20220316-1+b4 (package wireguard-go)", False)
+    assert check.status == "warn"  # it works, slower: never a fail
+    assert "no TUN offloads (older than 0.0.20230223)" in check.detail
+    assert check.fix == OFFLOAD_FIX
+    assert "bookworm-backports" in check.fix and "`make setup` does it" in check.fix
+    unknown = wg_go("(version unknown)", None)
+    assert unknown.status == "warn" and "TUN offload support unknown" in unknown.detail
+
+
+def test_wireguard_go_without_cap_net_admin_is_inconclusive() -> None:
+    reason = "kernel WireGuard unavailable: configuring it needs CAP_NET_ADMIN, which ..."
+    check = wg_go("0.0.20231211-1~bpo12+1 (package wireguard-go)", True, reason)
+    assert check.status == "warn"
+    assert check.fix == "run the doctor as root to tell whether kernel WireGuard is usable"
+    both = wg_go("v0.0.20220316 (its --version; no package owns it)", False, reason)
+    assert both.fix == ("run the doctor as root to tell whether kernel WireGuard is usable; "
+                        + OFFLOAD_FIX)
+
 
 @pytest.mark.parametrize(("uplink_mtu", "family", "wg"), [
     (1500, 4, 1440), (1500, 6, 1420), (9001, 4, 8941), (1400, 4, 1340), (1360, 6, 1280),

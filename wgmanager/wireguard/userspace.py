@@ -77,7 +77,9 @@ def start_wireguard_go(ifname: str, *, socket_dir: Path, binary: str = "wireguar
                   '&& exec "$2" -f "$3"')
         argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script,
                 "wgmanager-wg", str(socket_dir), binary, ifname]
-    env = dict(os.environ, WG_PROCESS_FOREGROUND="1", LOG_LEVEL="error")
+    # WGM_WIREGUARD_GO_LOG_LEVEL=verbose turns on its per-packet-event log for debugging.
+    env = dict(os.environ, WG_PROCESS_FOREGROUND="1",
+               LOG_LEVEL=os.environ.get("WGM_WIREGUARD_GO_LOG_LEVEL", "error"))
     return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=output,
                             stderr=subprocess.STDOUT, env=env, start_new_session=True,
                             close_fds=True)
@@ -224,6 +226,10 @@ class UserspaceBackend:
             return None
         return pid if process_alive(pid) else None
 
+    def process(self) -> int | None:
+        """The wireguard-go serving this device, whoever started it (``find_wireguard_go``)."""
+        return find_wireguard_go(self.ifname, self.pid() if self.spawn else None)
+
     def _start_process(self) -> None:
         check_can_start(self.binary)  # before the log file makes the directory
         self.socket_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
@@ -315,6 +321,41 @@ def _describe(op: PeerOp) -> str:
     verb = ("resetting" if op.fresh else "adding") if isinstance(op, AddPeer) else (
         "removing" if isinstance(op, RemovePeer) else "updating")
     return f"{verb} peer {op.public_key.short()}"
+
+
+def serves_device(comm: str, argv: Sequence[str], ifname: str) -> bool:
+    """Whether a process, by its /proc comm and argv, is a wireguard-go for ``ifname``."""
+    return comm == "wireguard-go" and ifname in argv[1:]
+
+
+def find_wireguard_go(ifname: str, hint: int | None = None) -> int | None:
+    """The wireguard-go process serving ``ifname`` in this network namespace, or None.
+
+    ``hint`` (the pid file's pid) wins when it is one. Otherwise /proc is searched, which
+    finds a sidecar's process too when it is visible (a shared or host pid namespace);
+    several simulated nodes may each run one for the same name, so only processes in this
+    network namespace count (where the device's TUN is).
+    """
+    def matches(pid: int, own_netns: os.stat_result | None) -> bool:
+        try:
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            if not serves_device(comm, argv.split("\0"), ifname):
+                return False
+            if own_netns is None:
+                return True
+            netns = os.stat(f"/proc/{pid}/ns/net")
+        except OSError:
+            return False
+        return (netns.st_dev, netns.st_ino) == (own_netns.st_dev, own_netns.st_ino)
+
+    if hint is not None and matches(hint, None) and process_alive(hint):
+        return hint
+    own = os.stat("/proc/self/ns/net")
+    for entry in sorted(int(e) for e in os.listdir("/proc") if e.isdigit()):
+        if matches(entry, own) and process_alive(entry):
+            return entry
+    return None
 
 
 def process_alive(pid: int) -> bool:
