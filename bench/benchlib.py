@@ -15,22 +15,27 @@ Result entries (what bench/run.py collects into bench/results.json) are plain di
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import ctypes
 import datetime
+import gzip
 import hashlib
 import os
 import platform
+import re
 import secrets
 import shutil
 import signal
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -172,6 +177,9 @@ def machine_info() -> dict[str, Any]:
         "code": code_version(),
         "python": platform.python_version(),
         "wireguard_go": out(["dpkg-query", "-W", "-f=${Version}", "wireguard-go"]),
+        # the binary on PATH, which wgmanager spawns (a benchmark may record another)
+        "wireguard_go_binary": (wireguard_go_info(resolve_wireguard_go())
+                                if shutil.which("wireguard-go") else None),
         "loadavg_at_start": out(["cat", "/proc/loadavg"]),
     }
 
@@ -306,16 +314,13 @@ def udp_sockets_of(pid: int, port: int) -> list[int]:
     return fds
 
 
-def set_socket_buffers(pid: int, port: int, *, rcvbuf: int | None = None,
-                       sndbuf: int | None = None) -> list[tuple[int, int]]:
-    """Sets SO_RCVBUF/SO_SNDBUF on another process's UDP sockets (wireguard-go's), the way
-    newer wireguard-go does it for itself (SO_*BUFFORCE, so net.core.rmem_max does not cap
-    it): pidfd_getfd(2) gives us a duplicate of its socket, which is the same socket.
-    The value is what setsockopt takes (the kernel doubles it). Returns the resulting
-    (SO_RCVBUF, SO_SNDBUF) per socket."""
+def _each_udp_socket(pid: int, port: int, fn: Callable[[socket.socket], T]) -> dict[int, T]:
+    """Calls ``fn`` on a duplicate (pidfd_getfd(2)) of each of ``pid``'s UDP sockets bound to
+    ``port``, which is the same kernel socket; returns the results keyed by socket inode, so
+    that a caller can tell the same sockets from new ones the process opened meanwhile."""
     libc = ctypes.CDLL(None, use_errno=True)
     pidfd = os.pidfd_open(pid)
-    out = []
+    out: dict[int, T] = {}
     try:
         for target in udp_sockets_of(pid, port):
             dup = libc.syscall(SYS_PIDFD_GETFD, pidfd, target, 0)
@@ -324,17 +329,62 @@ def set_socket_buffers(pid: int, port: int, *, rcvbuf: int | None = None,
                 raise OSError(err, f"pidfd_getfd: {os.strerror(err)}")
             s = socket.socket(fileno=dup)
             try:
-                if rcvbuf is not None:
-                    s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
-                if sndbuf is not None:
-                    s.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, sndbuf)
-                out.append((s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
-                            s.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)))
+                out[os.fstat(dup).st_ino] = fn(s)
             finally:
                 s.close()  # closes our duplicate only
     finally:
         os.close(pidfd)
     return out
+
+
+def _buffers(s: socket.socket) -> tuple[int, int]:
+    return (s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
+            s.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF))
+
+
+def socket_buffers(pid: int, port: int) -> dict[int, tuple[int, int]]:
+    """The kernel's current (SO_RCVBUF, SO_SNDBUF) of each of ``pid``'s UDP sockets on
+    ``port``, keyed by socket inode: what a knob must read before it changes them, because
+    the right value to put back depends on the binary (wireguard-go 0.0.20220316 leaves
+    net.core.rmem_default, 0.0.20231211 sets 14 MiB itself)."""
+    return _each_udp_socket(pid, port, _buffers)
+
+
+def set_socket_buffers(pid: int, port: int, *, rcvbuf: int | None = None,
+                       sndbuf: int | None = None) -> list[tuple[int, int]]:
+    """Sets SO_RCVBUF/SO_SNDBUF on another process's UDP sockets (wireguard-go's), the way
+    newer wireguard-go does it for itself (SO_*BUFFORCE, so net.core.rmem_max does not cap
+    it): pidfd_getfd(2) gives us a duplicate of its socket, which is the same socket.
+    The value is what setsockopt takes (the kernel doubles it). Returns the resulting
+    (SO_RCVBUF, SO_SNDBUF) per socket."""
+    def apply(s: socket.socket) -> tuple[int, int]:
+        if rcvbuf is not None:
+            s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
+        if sndbuf is not None:
+            s.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, sndbuf)
+        return _buffers(s)
+    return list(_each_udp_socket(pid, port, apply).values())
+
+
+def restore_socket_buffers(pid: int, port: int, saved: dict[int, tuple[int, int]]) -> None:
+    """Puts back exactly what ``socket_buffers`` read, socket by socket, and raises if the
+    sockets or their sizes then differ from ``saved`` (a knob must not leave a state the
+    next measurement did not ask for). setsockopt doubles its argument and every size the
+    kernel reports is such a doubled (even) value, so half of it restores it exactly. The
+    only trace left is the SOCK_*BUF_LOCK bit, which only TCP's buffer autotuning reads."""
+    def put(s: socket.socket) -> None:
+        ino = os.fstat(s.fileno()).st_ino
+        if ino not in saved:
+            raise RuntimeError(f"pid {pid} opened a new UDP socket on port {port} while its "
+                               "buffers were changed; cannot restore it")
+        rcv, snd = saved[ino]
+        s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcv // 2)
+        s.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, snd // 2)
+    _each_udp_socket(pid, port, put)
+    now = socket_buffers(pid, port)
+    if now != saved:
+        raise RuntimeError(f"pid {pid}: UDP socket buffers on port {port} are {now} after "
+                           f"restoring, not {saved}")
 
 
 def netns_snmp(netns: str) -> dict[str, int]:
@@ -347,6 +397,182 @@ def netns_snmp(netns: str) -> dict[str, int]:
         for k, v in zip(names.split(), vals.split(":", 1)[1].split(), strict=False):
             with contextlib.suppress(ValueError):
                 out[f"{proto}.{k}"] = int(v)
+    return out
+
+
+# -- the wireguard-go binary -------------------------------------------------------------
+
+def resolve_wireguard_go(binary: str | None = None) -> str:
+    """The absolute path of the wireguard-go a benchmark runs: ``binary`` if given (a path
+    or a name), else the first on PATH, which is what wgmanager's backend would spawn.
+    Resolved once, so that every tunnel in a run uses the same file."""
+    found = shutil.which(binary or "wireguard-go")
+    if found is None:
+        raise FileNotFoundError(f"{binary or 'wireguard-go'}: not found (make setup "
+                                "installs it)")
+    return os.path.abspath(found)
+
+
+def path_with_wireguard_go(binary: str, bin_dir: Path) -> str:
+    """A PATH on which the name ``wireguard-go`` is ``binary``: wgmanager spawns
+    ``wireguard-go`` from PATH, so this is how a benchmark makes it run a given binary
+    without any flag (``bin_dir`` gets one symlink; nothing else is shadowed)."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    link = bin_dir / "wireguard-go"
+    with contextlib.suppress(FileNotFoundError):
+        link.unlink()
+    link.symlink_to(binary)
+    return f"{bin_dir}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"
+
+
+def wireguard_go_info(binary: str) -> dict[str, Any]:
+    """What a wireguard-go binary really is, for the raw results: its path, digest, the
+    Debian package and version that installed it (dpkg -S, dpkg-query), else the version in
+    the Debian changelog shipped beside it (a binary unpacked from a .deb, like Debian 12's
+    build kept under /var/cache/wgmanager), and what it says itself: 0.0.20231211's
+    ``--version`` wrongly prints v0.0.20230223, so that one is recorded, never trusted."""
+    real = os.path.realpath(binary)
+    info: dict[str, Any] = {"path": binary, "realpath": real, "package": None,
+                            "package_version": None, "version_source": None}
+    with contextlib.suppress(OSError):
+        info["sha256"] = hashlib.sha256(Path(real).read_bytes()).hexdigest()
+
+    def out(argv: list[str]) -> str:
+        try:
+            return subprocess.run(argv, capture_output=True, text=True, check=False,
+                                  timeout=10).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+
+    info["self_reported_version"] = out([real, "--version"]).split("\n", 1)[0]
+    for candidate in dict.fromkeys((binary, real)):
+        owner = out(["dpkg", "-S", candidate])
+        if owner and ":" in owner:
+            pkg = owner.split(":", 1)[0].strip()
+            info.update(package=pkg, version_source="dpkg",
+                        package_version=out(["dpkg-query", "-W", "-f=${Version}", pkg]) or None)
+            return info
+    parts = Path(real).parts
+    if parts[-3:-1] == ("usr", "bin"):  # <root>/usr/bin/NAME unpacked from a .deb
+        doc = Path(*parts[:-3], "usr", "share", "doc", parts[-1])
+        for changelog in (doc / "changelog.Debian.amd64.gz", doc / "changelog.Debian.gz"):
+            with contextlib.suppress(OSError, EOFError):
+                with gzip.open(changelog, "rt") as f:
+                    m = re.match(r"(\S+) \(([^)]+)\)", f.readline())
+                if m:
+                    info.update(package=m[1], package_version=m[2],
+                                version_source=str(changelog))
+                    return info
+    return info
+
+
+def wireguard_go_pids_run(pids: Sequence[int], binary: str) -> None:
+    """Raises unless every pid executes ``binary`` (/proc/PID/exe), so a row can never
+    silently compare two different wireguard-go builds."""
+    want = os.path.realpath(binary)
+    for pid in pids:
+        exe = os.path.realpath(f"/proc/{pid}/exe")
+        if exe != want:
+            raise RuntimeError(f"wireguard-go pid {pid} runs {exe}, not {want}")
+
+
+# -- where the cycles go: perf and Go symbols ---------------------------------------------
+
+class GoSymbols:
+    """Function names of a Go executable from its .gopclntab, which ``strip`` keeps (Go
+    needs it for stack traces): Debian's wireguard-go binaries are stripped, so perf shows
+    ``[unknown]`` for every user-space sample, and Debian's go 1.19 ``addr2line`` misreads
+    go1.20+ tables. Handles the go1.18 and go1.20+ layouts (pcHeader magic 0xfffffff0 /
+    0xfffffff1) of non-PIE amd64 ELF files; ``load`` returns None for anything else."""
+
+    def __init__(self, starts: list[int], names: list[str], end: int) -> None:
+        self.starts, self.names, self.end = starts, names, end
+
+    @classmethod
+    def load(cls, path: str) -> GoSymbols | None:
+        try:
+            data = Path(path).read_bytes()
+            if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+                return None  # not a 64-bit little-endian ELF
+            if struct.unpack_from("<H", data, 0x10)[0] != 2:
+                return None  # ET_DYN (PIE): perf's addresses would need the load bias
+            shoff = struct.unpack_from("<Q", data, 0x28)[0]
+            shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
+            sections = [struct.unpack_from("<IIQQQQ", data, shoff + i * shentsize)
+                        for i in range(shnum)]
+            strtab = sections[shstrndx][4]
+
+            def name(off: int) -> bytes:
+                return data[strtab + off:data.index(b"\0", strtab + off)]
+            pcln = next((sec for sec in sections if name(sec[0]) == b".gopclntab"), None)
+            if pcln is None:
+                return None
+            tab = data[pcln[4]:pcln[4] + pcln[5]]
+            magic, ptrsize = struct.unpack_from("<I", tab, 0)[0], tab[7]
+            if magic not in (0xFFFFFFF0, 0xFFFFFFF1) or ptrsize != 8:
+                return None
+            nfunc, _nfiles, text, funcnames, _cu, _files, _pc, functab = struct.unpack_from(
+                "<8Q", tab, 8)
+            starts: list[int] = []
+            names: list[str] = []
+            for i in range(nfunc):
+                entry, funcoff = struct.unpack_from("<II", tab, functab + 8 * i)
+                nameoff = struct.unpack_from("<i", tab, functab + funcoff + 4)[0]
+                at = funcnames + nameoff
+                starts.append(text + entry)
+                names.append(tab[at:tab.index(b"\0", at)].decode(errors="replace"))
+            end = text + struct.unpack_from("<I", tab, functab + 8 * nfunc)[0]
+        except (OSError, struct.error, ValueError, IndexError):
+            return None
+        return cls(starts, names, end) if starts else None
+
+    def lookup(self, addr: int) -> str | None:
+        i = bisect.bisect_right(self.starts, addr) - 1
+        return self.names[i] if i >= 0 and addr < self.end else None
+
+
+def perf_event() -> str | None:
+    """The perf event to sample with: ``cycles`` where the CPU's counters are exposed (not in
+    this machine's VM: "<not supported>"), else the ``cpu-clock`` software timer; None
+    without a working perf."""
+    if shutil.which("perf") is None:
+        return None
+    for event in ("cycles", "cpu-clock"):
+        try:
+            res = subprocess.run(["perf", "stat", "-x,", "-e", event, "true"],
+                                 capture_output=True, text=True, timeout=30, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        if res.returncode == 0 and "<not supported>" not in res.stderr \
+                and "<not counted>" not in res.stderr:
+            return event
+    return None
+
+
+@dataclass(frozen=True)
+class PerfSample:
+    comm: str
+    ip: int
+    sym: str  # "[unknown]" when perf could not name it
+    dso: str  # "[kernel.kallsyms]", a path, or "[unknown]"
+
+    @property
+    def kernel(self) -> bool:
+        return self.dso.startswith("[kernel") or self.ip >= 1 << 63
+
+
+_PERF_LINE = re.compile(r"^\s*(.*?)\s+\d+\s+([0-9a-f]+)\s+(.*?)\s+\(([^()]*)\)\s*$")
+
+
+def perf_samples(data: Path) -> list[PerfSample]:
+    """The samples of a ``perf record`` file (comm, ip, symbol, DSO), via ``perf script``."""
+    res = subprocess.run(["perf", "script", "-i", str(data), "-F", "comm,tid,ip,sym,dso"],
+                         capture_output=True, text=True, check=True, timeout=300)
+    out = []
+    for line in res.stdout.splitlines():
+        m = _PERF_LINE.match(line)
+        if m:
+            out.append(PerfSample(m[1], int(m[2], 16), m[3], m[4]))
     return out
 
 

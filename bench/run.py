@@ -2,6 +2,7 @@
 """Runs every benchmark, prints one table and writes bench/results.json.
 
     sudo .venv/bin/python bench/run.py [--full] [--only datapath,...,rotation] [--merge]
+                                       [--profile]
 
 (`make bench` / `make bench-full` run `make setup` first, then this.)
 
@@ -10,7 +11,8 @@
                     route/rule-based tool would need.
 2. ``throughput``   bench/throughput.py: iperf3 and ping between pods on two simulated
                     nodes, plaintext vs a hand-built wireguard-go tunnel vs wgmanager, CPU,
-                    and the knobs (receive buffer, MTU, offloads).
+                    and the knobs (receive buffer, MTU, offloads); with --profile, where
+                    the CPU goes (perf: crypto, copies, TUN/UDP, the TC program).
 3. ``controlplane`` bench/control_plane.py: one agent against a real kube-apiserver with
                     100 and 1,000 Node objects (and 5,000 with --full): time to program,
                     key-change latency idle and under 50 changes/s, RSS, CPU, operations
@@ -129,6 +131,8 @@ def main() -> int:
     p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     p.add_argument("--merge", action="store_true",
                    help="keep the other benchmarks' figures from the existing output file")
+    p.add_argument("--profile", action="store_true",
+                   help="throughput: one more wgmanager run under perf (where the CPU goes)")
     a = p.parse_args()
     if os.geteuid() != 0:
         print("bench/run.py needs root (network namespaces, bpf, wireguard-go)",
@@ -156,7 +160,8 @@ def main() -> int:
         t0 = time.monotonic()
         code[name] = benchlib.code_version()
         try:
-            rows, raw[name] = BENCHES[name](full=a.full)
+            extra = {"profile": True} if name == "throughput" and a.profile else {}
+            rows, raw[name] = BENCHES[name](full=a.full, **extra)
             results += [{**r, "benchmark": name} for r in rows]
         except Exception as e:  # one broken benchmark must not hide the others' figures
             errors[name] = f"{type(e).__name__}: {e}"
@@ -174,6 +179,7 @@ def main() -> int:
         "machine": machine,
         "command": "bench/run.py" + (" --full" if a.full else "") +
                    ("" if a.only == ",".join(BENCHES) else f" --only {a.only}") +
+                   (" --profile" if a.profile else "") +
                    (" --merge" if a.merge else ""),
         "wall_seconds": round(wall, 1), "seconds_per_benchmark": timings,
         "code_per_benchmark": code,
