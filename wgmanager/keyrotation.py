@@ -46,6 +46,7 @@ from wgmanager.kube.translate import (
     ROTATION_STATUS_ANNOTATION,
 )
 from wgmanager.node import NodeReconciler
+from wgmanager.wireguard.backend import WireGuardBackend
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,9 @@ CRASH_POINTS = (
     "finish-reconciled",  # steering on the new device only; old device and key still there
     "rollback-persisted",  # ROLLBACK on disk; next key still published
 )
+
+
+RETIRE_MAX_WAIT = 5.0  # seconds after a rotation ends: the old device goes, received or not
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,10 +95,13 @@ class KeyRotator:
         # the clone-to-both steering (peers switched up to a second early, losing packets).
         self._steered: tuple[str, Phase] | None = None
         self.progress: Progress | None = None
+        # While the retired slot's device still receives: (its rx bytes, since when).
+        self._draining: tuple[int, float] | None = None
 
     @property
     def active(self) -> bool:
-        return self.state.rotation is not None
+        """A rotation runs, or its old device waits to be retired: poll, don't sleep."""
+        return self.state.rotation is not None or self._draining is not None
 
     @property
     def steered(self) -> tuple[str, Phase] | None:
@@ -157,10 +164,33 @@ class KeyRotator:
     def _retire_leftovers(self) -> None:
         other = 1 - self.state.slot
         backend = self.reconciler.backend_for(other)
-        if backend.device_exists() or self.store.exists(slot_key(other)):
-            self._crash("finish-reconciled")
-            for what in self.reconciler.retire_slot(other):
-                log.info("retired the previous key slot", extra={"done": what})
+        exists = backend.device_exists()
+        if not exists and not self.store.exists(slot_key(other)):
+            self._draining = None
+            return
+        if exists and not self._drained(backend):
+            return
+        self._draining = None
+        self._crash("finish-reconciled")
+        for what in self.reconciler.retire_slot(other):
+            log.info("retired the previous key slot", extra={"done": what})
+
+    def _drained(self, backend: WireGuardBackend) -> bool:
+        """Whether the old device has stopped receiving (then it may be deleted).
+
+        A peer that rotates at the same time still sends copies to our old device until it
+        notices our confirmation on its next poll; deleting the device under them made the
+        node answer with ICMP port unreachable. So the device goes once its received bytes
+        have not moved for a poll interval, or RETIRE_MAX_WAIT after the rotation ended.
+        """
+        rx = sum(p.rx_bytes for p in backend.read().peers.values())
+        now = self._clock()
+        if now - self.state.last_finished >= RETIRE_MAX_WAIT:
+            return True
+        if self._draining is None or self._draining[0] != rx:
+            self._draining = (rx, now)
+            return False
+        return now - self._draining[1] >= self.settings.poll_interval
 
     # -- what the Node should say -----------------------------------------------------
 

@@ -76,6 +76,12 @@ def no_old_keys(kc: KubeCluster, old: dict[str, str]) -> list[str]:
     return found
 
 
+def slot_retired(kc: KubeCluster, node: topology.SimNode) -> bool:
+    """The node's other slot has no key file (its private key was destroyed)."""
+    store = KeyStore(kc.lab.node_dir(node) / "state")
+    return not store.exists(slot_key(1 - store.load_rotation().slot))
+
+
 @pytest.mark.parametrize("max_concurrent", [1, 2])
 def test_rotate_all_under_traffic_loses_nothing(kc: KubeCluster, max_concurrent: int) -> None:
     """Every node rotates, one at a time or two at once (with 3 nodes, n1 and n2 rotate
@@ -113,11 +119,13 @@ def test_rotate_all_under_traffic_loses_nothing(kc: KubeCluster, max_concurrent:
     # Peers replaced by a new key leave the devices after a 1 s grace (REPLACED_PEER_GRACE).
     await_condition(lambda: no_old_keys(kc, old) == [], 10, "old keys to leave every device")
     assert kc.converged(list(kc.lab.nodes))
-    for node in kc.lab.nodes:  # the retired private keys are gone from disk
-        store = KeyStore(kc.lab.node_dir(node) / "state")
-        rot = store.load_rotation()
+    # The old device and key go once the old device has stopped receiving (a poll
+    # interval without bytes, at most 5 s after the rotation ended).
+    await_condition(lambda: all(slot_retired(kc, n) for n in kc.lab.nodes), 10,
+                    "the previous key slots to be retired")
+    for node in kc.lab.nodes:
+        rot = KeyStore(kc.lab.node_dir(node) / "state").load_rotation()
         assert rot.rotation is None and rot.last_result == "completed"
-        assert not store.exists(slot_key(1 - rot.slot))
         status = kc.lab.node_status(node)
         assert status is not None
         assert status["key_rotation"]["phase"] == "idle"
@@ -181,6 +189,5 @@ def test_a_peer_that_never_switches_rolls_the_rotation_back(kc: KubeCluster) -> 
     assert keys(kc)[n1.name] == old[n1.name]
     assert (sent, sent2) == (got, got2), kc.diagnose()
     assert cap.plaintext_pod_packets() == 0
-    store = KeyStore(kc.lab.node_dir(n1) / "state")
-    assert not store.exists(slot_key(1 - store.load_rotation().slot))
+    await_condition(lambda: slot_retired(kc, n1), 10, "n1's abandoned slot to be retired")
     await_condition(lambda: kc.converged(list(kc.lab.nodes)), 60, "the mesh to settle")

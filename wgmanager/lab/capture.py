@@ -31,11 +31,15 @@ class Capture:
         return " or ".join(f"udp port {p}" for p in self.wg_ports)
 
     def count(self, bpf_filter: str) -> int:
+        return len(self.lines(bpf_filter))
+
+    def lines(self, bpf_filter: str) -> list[str]:
+        """tcpdump's one-line summaries of the matching packets (for failure messages)."""
         res = subprocess.run(["tcpdump", "-nn", "-r", str(self.pcap), bpf_filter],
                              capture_output=True, text=True, check=False)
         if res.returncode != 0:
             raise RuntimeError(f"tcpdump -r failed: {res.stderr.strip()}")
-        return len([ln for ln in res.stdout.splitlines() if ln.strip()])
+        return [ln for ln in res.stdout.splitlines() if ln.strip()]
 
     def plaintext_pod_packets(self) -> int:
         return self.count(" or ".join(f"net {n}" for n in self.pod_nets))
@@ -49,7 +53,11 @@ class Capture:
         Traffic to and from the lab's API server (TCP 6443 on the host link) is expected
         control-plane traffic, not pod traffic, and is excluded too.
         """
-        return self.count(f"(ip or ip6) and not ({self._wireguard}) "
+        return len(self.unexpected())
+
+    def unexpected(self) -> list[str]:
+        """The packets ``unexpected_packets`` counts."""
+        return self.lines(f"(ip or ip6) and not ({self._wireguard}) "
                           "and not (tcp port 6443) "
                           "and not (ip6 and dst net ff00::/8) "
                           "and not (icmp6 and ip6[40] >= 133 and ip6[40] <= 137)")
