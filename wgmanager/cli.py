@@ -139,8 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _node_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--state-dir", type=Path, default=config.DEFAULT_STATE_DIR,
-                   help="where the private key lives (default %(default)s)")
+    # The path flags also default from WGM_STATE_DIR, WGM_SOCKET_DIR and WGM_PIN_DIR, so that
+    # a shell set up for one node (`wgmanager lab exec NODE`) needs no flags.
+    p.add_argument("--state-dir", type=Path,
+                   default=_env_path("WGM_STATE_DIR") or config.DEFAULT_STATE_DIR,
+                   help="where the private key lives (default $WGM_STATE_DIR, else "
+                        "%(default)s)")
     p.add_argument("--interface", default=config.DEFAULT_IFNAME,
                    help="WireGuard interface name (default %(default)s)")
     p.add_argument("--listen-port", type=int, default=None,
@@ -152,12 +156,16 @@ def _node_flags(p: argparse.ArgumentParser) -> None:
                    help="WireGuard MTU (default: uplink MTU - 60 for IPv4, - 80 for IPv6)")
     p.add_argument("--backend", type=BackendMode, choices=list(BackendMode),
                    default=BackendMode.AUTO)
-    p.add_argument("--socket-dir", type=Path, default=config.DEFAULT_SOCKET_DIR,
-                   help="wireguard-go UAPI socket directory (default %(default)s)")
+    p.add_argument("--socket-dir", type=Path,
+                   default=_env_path("WGM_SOCKET_DIR") or config.DEFAULT_SOCKET_DIR,
+                   help="wireguard-go UAPI socket directory (default $WGM_SOCKET_DIR, else "
+                        "%(default)s)")
     p.add_argument("--no-spawn-userspace", dest="spawn_userspace", action="store_false",
                    help="never start wireguard-go (a sidecar runs it)")
-    p.add_argument("--pin-dir", type=Path, default=config.DEFAULT_PIN_DIR,
-                   help="bpffs directory for the datapath maps (default %(default)s)")
+    p.add_argument("--pin-dir", type=Path,
+                   default=_env_path("WGM_PIN_DIR") or config.DEFAULT_PIN_DIR,
+                   help="bpffs directory for the datapath maps (default $WGM_PIN_DIR, else "
+                        "%(default)s)")
     p.add_argument("--uplink", default=None,
                    help="underlay device (default: the one holding the node's InternalIP)")
     p.add_argument("--pod-interfaces", default=config.DEFAULT_POD_INTERFACES,

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from wgmanager.kube.translate import PUBLIC_KEY_ANNOTATION, key_patch, node_spec
+from wgmanager.kube.translate import PUBLIC_KEY_ANNOTATION, annotations_patch, node_spec
 
 KEY = "FYGsCoJpjl9EmdUAT2a88iZxf1+wzs0Ke5bnrLtE2W0="
 
@@ -53,4 +53,5 @@ def test_malformed_objects_never_raise(obj: dict[str, Any]) -> None:
 
 
 def test_key_patch_touches_only_our_annotation() -> None:
-    assert key_patch(KEY) == {"metadata": {"annotations": {PUBLIC_KEY_ANNOTATION: KEY}}}
+    assert annotations_patch({PUBLIC_KEY_ANNOTATION: KEY}) == {
+        "metadata": {"annotations": {PUBLIC_KEY_ANNOTATION: KEY}}}

@@ -171,7 +171,8 @@ def _compile(pin_dir: Path, max_cidrs: int) -> Any:
               "-Wno-unused-value", "-Wno-pointer-sign", "-Wno-compare-distinct-pointer-types"]
     with _quiet_stderr() as captured:
         try:
-            return BPF(text=program_source(), cflags=cflags)
+            # bcc wants bytes: a str works but warns with the whole C source on every load.
+            return BPF(text=program_source().encode(), cflags=cflags)
         except Exception as e:
             raise DatapathError(_explain_compile_error(str(e), captured())) from e
 

@@ -62,11 +62,6 @@ def _timestamp(value: Any) -> float:
         return 0.0
 
 
-def key_patch(public_key: str) -> dict[str, Any]:
-    """A patch body touching only wgmanager's key annotation, nothing else on the Node."""
-    return annotations_patch({PUBLIC_KEY_ANNOTATION: public_key})
-
-
 def annotations_patch(values: dict[str, str | None]) -> dict[str, Any]:
     """A patch body setting (or, for None, removing) only the given annotations.
 

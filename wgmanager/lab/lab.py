@@ -23,7 +23,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -447,9 +447,26 @@ class Lab:
                           f"{', '.join(names)}")
 
     def exec(self, name: str, argv: list[str]) -> int:
+        """Runs a command in a node's or pod's network namespace.
+
+        In a node it runs with `nsenter --net` rather than `ip netns exec`, which remounts
+        /sys and so hides bpffs (`wgmanager status` then saw no maps), and with the node's
+        paths, name and kubeconfig in the environment wgmanager's flags default from.
+        """
         if not argv:
             raise ConfigError("nothing to run: wgmanager lab exec NAME -- COMMAND [ARGS...]")
-        return subprocess.call(["ip", "netns", "exec", self.netns_of(name), *argv])
+        node = next((n for n in self.nodes if n.name == name), None)
+        if node is None:
+            return subprocess.call(["ip", "netns", "exec", self.netns_of(name), *argv])
+        return subprocess.call(["nsenter", f"--net=/run/netns/{node.netns}", *argv],
+                               env={**os.environ, **self.node_env(node)})
+
+    def node_env(self, node: SimNode) -> dict[str, str]:
+        """What `wgmanager status` and friends need to find this node's device and maps."""
+        return {"WGM_STATE_DIR": str(self.node_dir(node) / "state"),
+                "WGM_SOCKET_DIR": str(self.node_dir(node) / "wg"),
+                "WGM_PIN_DIR": str(self.pin_root / node.name),
+                "NODE_NAME": node.name, "KUBECONFIG": str(self.agent_kubeconfig)}
 
     # -- state ----------------------------------------------------------------------------
 
@@ -540,11 +557,3 @@ def free_underlay() -> str:
     raise LabError("no free 10.90-98.0.0/24 for the lab underlay; remove stale labs "
                    "(wgmanager lab down)")
 
-
-@contextlib.contextmanager
-def running_lab(lab: Lab, **up_args: Any) -> Iterator[Lab]:
-    lab.up(**up_args)
-    try:
-        yield lab
-    finally:
-        lab.down()
