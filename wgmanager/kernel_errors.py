@@ -117,6 +117,30 @@ def explain(e: BaseException | str, *, context: str, device: str | None = None) 
     return Explanation(f"{where}: {_summary(text)}", fix)
 
 
+# WireGuard's generic netlink requests (wgmanager.wireguard.kernel), where the fix depends on
+# the request: errnos not listed here get explain()'s general fix.
+WIREGUARD_FIXES: dict[int, str] = {
+    errno.ENODEV: "the device does not exist (deleted underneath us?); create it again",
+    errno.EOPNOTSUPP: "it is not a kernel WireGuard link, or the kernel cannot make one; "
+                      "check `ip -d link show {ifname}`",
+    errno.EEXIST: "a link with that name already exists; check `ip -d link show {ifname}`",
+    errno.EADDRINUSE: "another socket holds the listen port; free it or choose another port",
+    errno.EINVAL: "the kernel rejected a value (port, allowed IP or interface name)",
+    errno.ENOENT: "the wireguard netlink family is gone (module unloaded?); restart wgmanager",
+    errno.ENOMEM: "the kernel is short of memory; retry",
+    errno.ENOBUFS: "the kernel is short of buffer space; retry",
+}
+
+
+def describe_wireguard_failure(ifname: str, operation: str, code: int) -> str:
+    """The one-line DeviceError message for a failed WireGuard netlink request."""
+    fix = WIREGUARD_FIXES.get(code)
+    if fix is None:
+        fix = explain(OSError(code, os.strerror(code)), context="wireguard", device=ifname).fix
+    return (f"WireGuard device {ifname}: {operation} failed:"
+            f" {os.strerror(code)} [errno {code}]; {fix.format(ifname=ifname)}")
+
+
 def error_code(e: BaseException | str) -> int | None:
     """The errno an exception or message carries: OSError.errno, pyroute2's NetlinkError.code,
     or a strerror text ("Operation not permitted") inside the message."""

@@ -35,10 +35,10 @@ from wgmanager.core.plan import (
     plan_peers,
 )
 from wgmanager.errors import BackendUnavailable, DeviceError
+from wgmanager.kernel_errors import describe_wireguard_failure
 from wgmanager.wireguard.backend import BackendKind, DeviceSettings
 from wgmanager.wireguard.kernel import (
     KernelBackend,
-    describe_failure,
     device_state_from_messages,
     kernel_unavailable_reason,
     peer_requests,
@@ -400,7 +400,8 @@ def test_netlink_errors_become_one_line_device_errors_without_keys() -> None:
 
 
 def test_describe_failure_names_device_operation_and_fix() -> None:
-    text = describe_failure("wg0", "set listen port", errno.EADDRINUSE)
+    text = describe_wireguard_failure("wg0", "set listen port", errno.EADDRINUSE)
     assert text.startswith("WireGuard device wg0: set listen port failed:")
     assert "port" in text.rsplit(";", 1)[1] and "\n" not in text
-    assert "dmesg" in describe_failure("wg0", "read", errno.EXDEV)
+    assert "dmesg" in describe_wireguard_failure("wg0", "read", errno.EXDEV)
+    assert "CAP_NET_ADMIN" in describe_wireguard_failure("wg0", "add peer", errno.EPERM)

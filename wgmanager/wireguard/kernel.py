@@ -30,6 +30,7 @@ from wgmanager.core.keys import KEY_LEN, PrivateKey, PublicKey
 from wgmanager.core.model import DeviceState, Endpoint, IPNetwork, PeerState, network_sort_key
 from wgmanager.core.plan import AddPeer, PeerOp, RemovePeer, UpdatePeer
 from wgmanager.errors import BackendUnavailable, DeviceError
+from wgmanager.kernel_errors import describe_wireguard_failure
 from wgmanager.wireguard.backend import BackendKind, DeviceSettings
 
 PeerRequest = dict[str, Any]  # the `peer` argument of pyroute2's WireGuard.set()
@@ -110,36 +111,15 @@ def kernel_unavailable_reason(netns: str | None = None) -> str | None:
     return None
 
 
-_HINTS = {
-    errno.EPERM: "run as root or with CAP_NET_ADMIN",
-    errno.EACCES: "run as root or with CAP_NET_ADMIN",
-    errno.ENODEV: "the device does not exist (deleted underneath us?); create it again",
-    errno.EOPNOTSUPP: "it is not a kernel WireGuard link, or the kernel cannot make one;"
-                      " check `ip -d link show {ifname}`",
-    errno.EEXIST: "a link with that name already exists; check `ip -d link show {ifname}`",
-    errno.EADDRINUSE: "another socket holds the listen port; free it or choose another port",
-    errno.EINVAL: "the kernel rejected a value (port, allowed IP or interface name)",
-    errno.ENOENT: "the wireguard netlink family is gone (module unloaded?); restart wgmanager",
-    errno.ENOMEM: "the kernel is short of memory; retry",
-    errno.ENOBUFS: "the kernel is short of buffer space; retry",
-}
-
-
-def describe_failure(ifname: str, operation: str, code: int) -> str:
-    """The one-line DeviceError message for a failed netlink request."""
-    hint = _HINTS.get(code, "see the kernel log (dmesg)").format(ifname=ifname)
-    return (f"WireGuard device {ifname}: {operation} failed:"
-            f" {os.strerror(code)} [errno {code}]; {hint}")
-
-
 @contextmanager
 def _netlink_op(ifname: str, operation: str) -> Iterator[None]:
     try:
         yield
     except NetlinkError as e:
-        raise DeviceError(describe_failure(ifname, operation, e.code)) from e
+        raise DeviceError(describe_wireguard_failure(ifname, operation, e.code)) from e
     except OSError as e:
-        raise DeviceError(describe_failure(ifname, operation, e.errno or errno.EIO)) from e
+        raise DeviceError(describe_wireguard_failure(ifname, operation,
+                                                   e.errno or errno.EIO)) from e
 
 
 # --- netlink messages -> typed values (pure) --------------------------------------------------
