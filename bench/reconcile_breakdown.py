@@ -9,7 +9,7 @@ eBPF program once per process), then times each step the reconciler repeats per 
 in a separate process inside the namespace, against the live device and maps: the best
 of 3 runs of
 
-- ``device_read``: one full UAPI dump of the WireGuard device, parsed (node.py does 4
+- ``device_read``: one full UAPI dump of the WireGuard device, parsed (reconciler.py does 4
   per reconcile: before step 1, in configure(), before planning and after applying);
 - ``compute_mesh``: validation and claims of every node (with and without ``previous``);
 - ``datapath_map`` and ``map_read_cidrs`` (2 each per reconcile), ``plan_map`` (2),
@@ -40,7 +40,7 @@ from wgmanager.lab import topology
 STEPS = r'''
 import json, sys, time
 from pathlib import Path
-from wgmanager import meshfile
+from wgmanager.commands import meshfile
 from wgmanager.core.mesh import compute_mesh, datapath_map
 from wgmanager.core.plan import plan_map, plan_peers
 from wgmanager.datapath.maps import PinnedMaps

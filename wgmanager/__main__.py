@@ -1,5 +1,5 @@
 import sys
 
-from wgmanager.cli import main
+from wgmanager.commands.main import main
 
 sys.exit(main())

@@ -5,11 +5,20 @@ Nothing reads flags or the environment below the CLI; every default lives here, 
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from wgmanager.core.model import IPNetwork
-from wgmanager.wireguard.backend import BackendMode
+
+
+class BackendMode(enum.StrEnum):
+    """Which WireGuard implementation to use (auto: the kernel's when it has WireGuard)."""
+
+    AUTO = "auto"
+    KERNEL = "kernel"
+    USERSPACE = "userspace"
+
 
 DEFAULT_IFNAME = "wgm0"
 MAX_IFNAME = 14  # IFNAMSIZ - 1 is 15; key rotation's second device appends one letter
@@ -62,7 +71,6 @@ class RotationSettings:
     interval: float = 0.0  # seconds between scheduled rotations per node; 0 = never
     timeout: float = 300.0  # peers must switch within this, else the rotation rolls back
     poll_interval: float = 0.25  # how often a rotating node looks for peer handshakes
-    crash_at: str = ""  # test hook (--test-crash-at): SIGKILL the agent at this step
 
 
 @dataclass(frozen=True, slots=True)

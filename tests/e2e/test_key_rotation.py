@@ -4,7 +4,7 @@
 a 10 ms ping and a long TCP stream cross between pods on different nodes and the underlay is
 captured. Every node's key must change, no peer may keep an old key, not one ping may be
 lost, the stream must not be reset, and the capture must hold no plaintext. The crash test
-kills an agent (SIGKILL, via the hidden --test-crash-at hook) at every step of the protocol
+kills an agent (SIGKILL, via tests/e2e/crash_agent.py) at every step of the protocol
 and restarts it: the rotation must still finish (or roll back) with nothing lost.
 """
 
@@ -20,8 +20,8 @@ import pytest
 
 from tests.e2e.kubecluster import KubeCluster, await_condition
 from tests.integration.harness import cleanup_prefix
+from wgmanager.agent.rotation import CHECKPOINTS
 from wgmanager.core.keys import PublicKey
-from wgmanager.keyrotation import CRASH_POINTS
 from wgmanager.keystore import KeyStore, slot_key
 from wgmanager.lab import topology, traffic
 
@@ -42,8 +42,10 @@ def kc() -> Iterator[KubeCluster]:
         cleanup_prefix(prefix)
 
 
-def start(kc: KubeCluster, node: topology.SimNode, *extra: str) -> None:
-    kc.lab.start_agent(node, extra_args=extra)
+def start(kc: KubeCluster, node: topology.SimNode, *, crash_at: str = "") -> None:
+    """Starts the node's agent; with ``crash_at`` it SIGKILLs itself at that checkpoint."""
+    program = ("-m", "tests.e2e.crash_agent", crash_at) if crash_at else ("-m", "wgmanager")
+    kc.lab.start_agent(node, program=program)
 
 
 def keys(kc: KubeCluster) -> dict[str, str]:
@@ -133,11 +135,11 @@ def test_rotate_all_under_traffic_loses_nothing(kc: KubeCluster, max_concurrent:
         assert status["key"]["age_seconds"] < 60
 
 
-@pytest.mark.parametrize("point", [p for p in CRASH_POINTS if not p.startswith("rollback")])
+@pytest.mark.parametrize("point", [p for p in CHECKPOINTS if not p.startswith("rollback")])
 def test_agent_killed_at_each_step_still_finishes(kc: KubeCluster, point: str) -> None:
     n1, n2, n3 = kc.lab.nodes
     kc.kill_agent(n2)
-    start(kc, n2, "--test-crash-at", point)
+    start(kc, n2, crash_at=point)
     await_condition(lambda: (kc.readyz(n2) or {}).get("ready", False), 60, "n2 ready")
     old = keys(kc)
     with kc.capture(f"crash-{point}") as cap:
@@ -164,7 +166,7 @@ def test_a_peer_that_never_switches_rolls_the_rotation_back(kc: KubeCluster) -> 
     n1, n2, n3 = kc.lab.nodes
     old = keys(kc)
     kc.kill_agent(n1)
-    start(kc, n1, "--test-crash-at", "rollback-persisted")
+    start(kc, n1, crash_at="rollback-persisted")
     await_condition(lambda: (kc.readyz(n1) or {}).get("ready", False), 60, "n1 ready")
     kc.kill_agent(n3)
     try:

@@ -26,14 +26,15 @@ from typing import Any
 import pytest
 
 from tests.integration.harness import RUN_ROOT
-from wgmanager import doctor, doctor_net
-from wgmanager.doctor_rules import RBAC_FIX, Check
+from wgmanager.commands.doctor import checks as doctor
+from wgmanager.commands.doctor import net as doctor_net
+from wgmanager.commands.doctor.rules import RBAC_FIX, Check
 from wgmanager.lab.controlplane import ControlPlane, cleanup_stale, free_port
 from wgmanager.wireguard.kernel import kernel_unavailable_reason
 
 DOCTOR = """
 import argparse, sys
-from wgmanager import doctor
+from wgmanager.commands.doctor import checks as doctor
 p = argparse.ArgumentParser()
 doctor.add_arguments(p)
 sys.exit(doctor.run(p.parse_args(sys.argv[1:])))
@@ -256,7 +257,7 @@ def test_unprivileged_user_fails_capabilities_and_bpf_with_the_fix() -> None:
 PORT_SCRIPT = """
 import dataclasses, json, socket, sys
 from pathlib import Path
-from wgmanager import doctor_net
+from wgmanager.commands.doctor import net as doctor_net
 from wgmanager.core.keys import PrivateKey
 from wgmanager.wireguard.backend import DeviceSettings
 from wgmanager.wireguard.userspace import UserspaceBackend

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from wgmanager import __version__, cli, config
+from wgmanager import __version__, config
+from wgmanager.commands import main as cli
+from wgmanager.config import BackendMode
 from wgmanager.core.keys import PrivateKey
 from wgmanager.errors import ConfigError
-from wgmanager.wireguard.backend import BackendMode
 
 KEY = "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE="
 
@@ -189,9 +190,15 @@ def test_bad_durations_are_rejected(text: str) -> None:
 def test_agent_rotation_flags_reach_the_settings() -> None:
     args = cli.build_parser().parse_args([
         "agent", "--node-name", "n", "--key-rotation-interval", "30d",
-        "--key-rotation-timeout", "2m", "--test-crash-at", "switch-published"])
+        "--key-rotation-timeout", "2m"])
     rot = cli.settings_from(args, "n", 51820).rotation
-    assert (rot.interval, rot.timeout, rot.crash_at) == (30 * 86400, 120, "switch-published")
+    assert (rot.interval, rot.timeout) == (30 * 86400, 120)
+
+
+def test_the_production_cli_has_no_crash_hook() -> None:
+    """Fault injection lives in tests/e2e/crash_agent.py, out of users' reach."""
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["agent", "--node-name", "n", "--test-crash-at", "x"])
 
 
 def test_rotate_keys_needs_nodes_or_all(capsys: pytest.CaptureFixture[str]) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from wgmanager import config
-from wgmanager.wireguard.backend import BackendMode
+from wgmanager.config import BackendMode
 
 
 @pytest.mark.parametrize(("uplink", "family", "mtu"), [

@@ -14,9 +14,9 @@ from kubernetes.client.exceptions import ApiException
 from urllib3.connection import HTTPSConnection
 from urllib3.exceptions import MaxRetryError, NewConnectionError
 
-from wgmanager import config, doctor
-from wgmanager.datapath.mounts import fstype_at
-from wgmanager.doctor_rules import (
+from wgmanager import config
+from wgmanager.commands.doctor import checks as doctor
+from wgmanager.commands.doctor.rules import (
     RBAC_FIX,
     Check,
     api_failure,
@@ -33,6 +33,7 @@ from wgmanager.doctor_rules import (
     udp_inodes,
     wireguard_go_check,
 )
+from wgmanager.datapath.mounts import fstype_at
 from wgmanager.errors import ConfigError
 from wgmanager.wireguard.implementation import OFFLOAD_FIX, OFFLOADS_SINCE
 

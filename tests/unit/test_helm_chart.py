@@ -29,8 +29,9 @@ from typing import Any
 import pytest
 import yaml
 
-from wgmanager import cli, config
-from wgmanager.wireguard.backend import BackendMode
+from wgmanager import config
+from wgmanager.commands import main as cli
+from wgmanager.config import BackendMode
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "deploy" / "helm" / "wgmanager"

@@ -1,15 +1,15 @@
-"""The agent's rotation driver (wgmanager.keyrotation) over a real key store and a stand-in
+"""The agent's rotation driver (wgmanager.agent.rotation) over a real key store and a stand-in
 reconciler: when the next key may be published, across consecutive rotations."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from wgmanager.agent.rotation import KeyRotator
 from wgmanager.config import NodeSettings, RotationSettings
 from wgmanager.core.keys import PrivateKey
 from wgmanager.core.model import NodeSpec
 from wgmanager.core.rotation import Progress
-from wgmanager.keyrotation import KeyRotator
 from wgmanager.keystore import KeyStore, slot_key
 from wgmanager.kube.translate import NEXT_KEY_ANNOTATION
 

@@ -204,6 +204,6 @@ def test_setup_logging_replaces_handlers() -> None:
 def test_debug_level_never_enables_library_debug_output() -> None:
     """pyroute2 logs whole netlink messages at DEBUG (a kernel device's private key too)."""
     setup_logging(level="debug")
-    assert logging.getLogger("wgmanager.node").isEnabledFor(logging.DEBUG)
+    assert logging.getLogger("wgmanager.reconciler").isEnabledFor(logging.DEBUG)
     assert not logging.getLogger("pyroute2.netlink.core").isEnabledFor(logging.DEBUG)
     assert not logging.getLogger("urllib3").isEnabledFor(logging.DEBUG)

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from wgmanager import meshfile
+from wgmanager.commands import meshfile
 from wgmanager.core.model import MeshConfig, NodeSpec
 from wgmanager.errors import ConfigError
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from wgmanager import cli
+from wgmanager.commands import main as cli
 from wgmanager.wireguard.supervisor import MAX_BACKOFF, restart_delay, wanted_devices
 from wgmanager.wireguard.userspace import UserspaceBackend, want_path
 

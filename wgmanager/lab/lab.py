@@ -240,10 +240,13 @@ class Lab:
         return self.node_dir(node) / "agent.log"
 
     def start_agent(self, node: SimNode, *, kubeconfig: Path | None = None,
-                    extra_args: Sequence[str] = ()) -> int:
+                    extra_args: Sequence[str] = (),
+                    program: Sequence[str] = ("-m", "wgmanager")) -> int:
+        """Starts the node's agent; ``program`` is what Python runs (tests use a wrapper
+        that injects faults, run from the repository root)."""
         self.node_dir(node).mkdir(parents=True, exist_ok=True)
         config = kubeconfig or self.agent_kubeconfig
-        argv = ["nsenter", f"--net=/run/netns/{node.netns}", sys.executable, "-m", "wgmanager",
+        argv = ["nsenter", f"--net=/run/netns/{node.netns}", sys.executable, *program,
                 *self.agent_global_args, "agent", "--node-name", node.name,
                 "--kubeconfig", str(config), "--cluster-cidrs", ",".join(CLUSTER_CIDRS),
                 "--listen-port", str(LISTEN_PORT),

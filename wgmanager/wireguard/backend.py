@@ -52,8 +52,3 @@ class WireGuardBackend(Protocol):
     def apply(self, ops: Sequence[PeerOp]) -> None:
         """Applies peer operations in order; each touches only the peer it names."""
 
-
-class BackendMode(enum.StrEnum):
-    AUTO = "auto"
-    KERNEL = "kernel"
-    USERSPACE = "userspace"

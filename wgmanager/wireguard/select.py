@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 
-from wgmanager.config import WireGuardSettings
+from wgmanager.config import BackendMode, WireGuardSettings
 from wgmanager.errors import BackendUnavailable
-from wgmanager.wireguard.backend import BackendMode, WireGuardBackend
+from wgmanager.wireguard.backend import WireGuardBackend
 from wgmanager.wireguard.kernel import KernelBackend, kernel_unavailable_reason
 from wgmanager.wireguard.userspace import UserspaceBackend
 

@@ -119,7 +119,7 @@ class NodeReconciler:
 
     @property
     def rotation(self) -> RotationState:
-        """The rotation state reconciles apply (``wgmanager.keyrotation`` keeps it)."""
+        """The rotation state reconciles apply (``wgmanager.agent.rotation`` keeps it)."""
         return self._rotation
 
     @rotation.setter

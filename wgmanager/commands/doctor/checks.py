@@ -12,8 +12,8 @@ cannot work here; ``run`` exits 1 when any check failed. Nothing here changes th
 pin-dir probe and the test compile use temporary bpffs directories that they remove.
 
 The pure parts (version and capability parsing, the MTU rule, rendering) are in
-``wgmanager.doctor_rules``, where the unit tests reach them without a kernel; the network
-and API probes are in ``wgmanager.doctor_net``.
+``wgmanager.commands.doctor.rules``, where the unit tests reach them without a kernel; the network
+and API probes are in ``wgmanager.commands.doctor.net``.
 """
 
 from __future__ import annotations
@@ -32,15 +32,14 @@ from pathlib import Path
 from typing import Any
 
 from wgmanager import config
-from wgmanager.datapath.mounts import fstype_at
-from wgmanager.doctor_net import (
+from wgmanager.commands.doctor.net import (
     check_api,
     check_ip_forward,
     check_listen_port,
     check_mtu,
     check_rp_filter,
 )
-from wgmanager.doctor_rules import (
+from wgmanager.commands.doctor.rules import (
     CAP_NET_ADMIN,
     Check,
     capabilities_check,
@@ -52,6 +51,7 @@ from wgmanager.doctor_rules import (
     to_json,
     wireguard_go_check,
 )
+from wgmanager.datapath.mounts import fstype_at
 from wgmanager.kernel_errors import explain
 
 __all__ = ["Check", "add_arguments", "checks", "exit_code", "render", "run", "to_json"]

@@ -9,7 +9,7 @@ Threads and their jobs:
 - the main loop reconciles when the cache is dirty (debounced, so a burst of events is one
   pass), every ``resync_interval`` as a safety net, and at once when the WireGuard device
   has vanished (wireguard-go died). It also (re)publishes the node's public key whenever
-  the Node's annotation is not ours, and drives key rotation (``wgmanager.keyrotation``):
+  the Node's annotation is not ours, and drives key rotation (``wgmanager.agent.rotation``):
   a request annotation from `wgmanager rotate-keys` or the schedule starts one, and while
   it runs the loop reconciles every poll interval to see peers confirm.
 
@@ -21,20 +21,21 @@ is down and a restart picks up without dropping traffic.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
 
+from wgmanager.agent.health import HealthSettings, serve_health
+from wgmanager.agent.metrics import AgentMetrics, LiveSources
+from wgmanager.agent.rotation import KeyRotator, Outcome
 from wgmanager.core.mesh import LocalNodeError
 from wgmanager.core.model import NodeSpec
 from wgmanager.datapath import links
 from wgmanager.datapath.linkwatch import watch_new_links
 from wgmanager.errors import WgmError
-from wgmanager.keyrotation import KeyRotator, Outcome
 from wgmanager.keystore import slot_key
 from wgmanager.kube.client import Backoff, NodesAPI
 from wgmanager.kube.events import EventRecorder
@@ -47,8 +48,7 @@ from wgmanager.kube.translate import (
     node_spec,
 )
 from wgmanager.kube.watch import Deleted, NodeWatcher, Synced, Upserted, WatchEvent
-from wgmanager.metrics import AgentMetrics, LiveSources
-from wgmanager.node import NodeReconciler, ReconcileResult
+from wgmanager.reconciler import NodeReconciler, ReconcileResult
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +62,6 @@ class AgentTiming:
     resync_interval: float = 60.0  # full reconcile even without events
     device_check_interval: float = 2.0  # how often to check that the device still exists
     watch_timeout: int = 300  # server-side watch timeout before re-watching
-
-
-@dataclass(frozen=True, slots=True)
-class HealthSettings:
-    address: str = "0.0.0.0"  # hostNetwork: kubelet probes the node's address
-    port: int = 9876
 
 
 class Agent:
@@ -97,8 +91,7 @@ class Agent:
         self.metrics = metrics
         self.events = events
         self._reported: dict[str, str] = {}  # rejected node -> reason already reported
-        self.rotator = KeyRotator(reconciler, reconciler.settings.rotation,
-                                  crash_at=reconciler.settings.rotation.crash_at)
+        self.rotator = KeyRotator(reconciler, reconciler.settings.rotation)
         reconciler.rotation = self.rotator.state
         if metrics is not None:
             settings = reconciler.settings
@@ -158,7 +151,7 @@ class Agent:
                                lambda _name: self.poke(), self._stop),
                          name="link-watch", daemon=True).start()
         if self.health_settings is not None:
-            self._serve_health(self.health_settings)
+            self._http = serve_health(self.health_settings, self.health)
         if not self.reconciler.datapath_exists():
             self._bootstrap()
         backoff = Backoff(initial=0.5, maximum=10.0)
@@ -354,36 +347,3 @@ class Agent:
                 "ready": synced and self.last_reconcile_ok and watching,
                 "nodes": len(nodes), "reconciles": self.reconciles,
                 "last_error": self.last_error, "watch_failures": self.watcher.health.failures}
-
-    def _serve_health(self, settings: HealthSettings) -> None:
-        agent = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                state = agent.health()
-                if self.path == "/healthz":
-                    ok = bool(state["alive"])
-                elif self.path == "/readyz":
-                    ok = bool(state["ready"])
-                else:
-                    self.send_error(404)
-                    return
-                body = json.dumps(state).encode()
-                self.send_response(200 if ok else 503)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                return
-
-        try:
-            self._http = ThreadingHTTPServer((settings.address, settings.port), Handler)
-        except OSError as e:
-            raise WgmError(f"cannot serve health checks on {settings.address}:{settings.port}:"
-                           f" {e.strerror}; choose another --health-port") from e
-        self._http.daemon_threads = True
-        threading.Thread(target=self._http.serve_forever, name="health", daemon=True).start()
-
-

@@ -1,6 +1,6 @@
 """The doctor's judgements, as pure functions: facts in, a ``Check`` out.
 
-Why separate from ``wgmanager.doctor``: that module gathers facts from the kernel, /proc and
+Why separate from ``checks``: that module gathers facts from the kernel, /proc and
 the API server; this one decides what they mean (version thresholds, the capability set,
 the MTU rule, clock skew, how an API failure reads) and renders the report. Keeping the
 decisions free of I/O lets the unit tests pin every threshold and message without root.

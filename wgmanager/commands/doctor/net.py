@@ -1,7 +1,7 @@
 """The doctor's network and cluster probes: uplink and MTU, forwarding sysctls, the
 WireGuard listen port, and the API server (reachability, credentials, its clock).
 
-Why apart from ``wgmanager.doctor``: these look outward (routes, sockets of other processes,
+Why apart from ``checks``: these look outward (routes, sockets of other processes,
 a remote server) where the rest look at the kernel's BPF and WireGuard support; each half
 stays small enough to read at once. Like the rest of the doctor, nothing here raises on
 purpose and nothing is changed: the API gets one attempt per call with a 5 s timeout.
@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from wgmanager.doctor_rules import Check, api_failure, mtu_check, udp_inodes
+from wgmanager.commands.doctor.rules import Check, api_failure, mtu_check, udp_inodes
 from wgmanager.kernel_errors import explain
 
 API_TIMEOUT = 5.0

@@ -17,8 +17,6 @@ publishes ``annotations()`` whenever its Node differs.
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -45,14 +43,16 @@ from wgmanager.kube.translate import (
     PUBLIC_KEY_ANNOTATION,
     ROTATION_STATUS_ANNOTATION,
 )
-from wgmanager.node import NodeReconciler
+from wgmanager.reconciler import NodeReconciler
 from wgmanager.wireguard.backend import WireGuardBackend
 
 log = logging.getLogger(__name__)
 
-# Where `--test-crash-at` may kill the agent (SIGKILL, no cleanup): the crash-at-each-step
-# test restarts it and expects the rotation to finish or roll back with no traffic lost.
-CRASH_POINTS = (
+# The protocol's steps between two durable writes, in order: an agent that dies at any of
+# them must finish or roll back the rotation after a restart with no traffic lost. Each is
+# passed to ``KeyRotator.checkpoint``; the crash tests replace that method with a SIGKILL
+# (tests/e2e/crash_agent.py), production never crashes on purpose.
+CHECKPOINTS = (
     "prepare-persisted",  # PREPARE on disk; no key or device yet
     "prepare-device",  # second device up with the new key; SWITCH not yet on disk
     "switch-persisted",  # SWITCH on disk; steering not yet cloned, next key not published
@@ -79,14 +79,11 @@ class Outcome:
 
 class KeyRotator:
     def __init__(self, reconciler: NodeReconciler, settings: RotationSettings, *,
-                 crash_at: str = "", clock: Callable[[], float] = time.time) -> None:
-        if crash_at and crash_at not in CRASH_POINTS:
-            raise ValueError(f"unknown crash point {crash_at!r}; one of {', '.join(CRASH_POINTS)}")
+                 clock: Callable[[], float] = time.time) -> None:
         self.reconciler = reconciler
         self.settings = settings
         self.store = reconciler.keystore
         self.state = self.store.load_rotation()
-        self._crash_at = crash_at
         self._clock = clock
         # The rotation (request, phase: SWITCH or ROLLBACK) whose steering a reconcile in
         # this process applied: only then may the next key be published (SWITCH) or
@@ -123,7 +120,7 @@ class KeyRotator:
                 self.reconciler.retire_slot(1 - self.state.slot)
                 self._save(begin(self.state, request, self._clock()))
                 log.info("key rotation started", extra={"request": request})
-                self._crash("prepare-persisted")
+                self.checkpoint("prepare-persisted")
         return self.state
 
     def after_reconcile(self, progress: Progress | None) -> Outcome | None:
@@ -135,9 +132,9 @@ class KeyRotator:
             return None
         now = self._clock()
         if rot.phase is Phase.PREPARE:
-            self._crash("prepare-device")
+            self.checkpoint("prepare-device")
             self._save(prepared(self.state, now))
-            self._crash("switch-persisted")
+            self.checkpoint("switch-persisted")
             return None
         self._steered = (rot.request, rot.phase)  # this reconcile applied its steering
         if progress is None:
@@ -148,10 +145,10 @@ class KeyRotator:
         self._save(new)
         if new.rotation is not None:  # SWITCH -> ROLLBACK
             log.warning("key rotation rolling back", extra={"reason": new.rotation.reason})
-            self._crash("rollback-persisted")
+            self.checkpoint("rollback-persisted")
             return None
         completed = new.slot != rot.from_slot
-        self._crash("finish-persisted")
+        self.checkpoint("finish-persisted")
         outcome = Outcome(rot.request, completed,
                           self.reconciler.key_for(new.slot).public_key.base64()
                           if completed else rot.reason, now - rot.began, progress.peers)
@@ -171,7 +168,7 @@ class KeyRotator:
         if exists and not self._drained(backend):
             return
         self._draining = None
-        self._crash("finish-reconciled")
+        self.checkpoint("finish-reconciled")
         for what in self.reconciler.retire_slot(other):
             log.info("retired the previous key slot", extra={"done": what})
 
@@ -223,7 +220,7 @@ class KeyRotator:
         """The annotations were written."""
         rot = self.state.rotation
         if rot is not None and rot.phase is Phase.SWITCH and self._steered_now():
-            self._crash("switch-published")
+            self.checkpoint("switch-published")
 
     # -- internals --------------------------------------------------------------------
 
@@ -248,7 +245,6 @@ class KeyRotator:
         self.store.save_rotation(state)
         self.state = state
 
-    def _crash(self, point: str) -> None:
-        if point == self._crash_at:
-            log.warning("crashing on purpose (--test-crash-at)", extra={"point": point})
-            os.kill(os.getpid(), signal.SIGKILL)
+    def checkpoint(self, point: str) -> None:
+        """The rotation reached ``point`` (one of CHECKPOINTS): a hook for fault injection."""
+        log.debug("key rotation checkpoint", extra={"point": point})

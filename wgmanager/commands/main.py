@@ -16,11 +16,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from wgmanager import __version__, config
+from wgmanager.config import BackendMode
 from wgmanager.core.mesh import LocalNodeError
 from wgmanager.core.model import IPNetwork
 from wgmanager.errors import ConfigError, WgmError
 from wgmanager.logs import setup_logging
-from wgmanager.wireguard.backend import BackendMode, WireGuardBackend
+from wgmanager.wireguard.backend import WireGuardBackend
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,7 +75,6 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="DURATION",
                    help="roll a rotation back if peers have not switched by then (default "
                         "5m)")
-    g.add_argument("--test-crash-at", default="", help=argparse.SUPPRESS)
     _node_flags(g)
 
     r = sub.add_parser("rotate-keys", help="rotate WireGuard keys without losing traffic "
@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("doctor", help="preflight: can this node run wgmanager, and if not, "
                                       "what to fix")
-    from wgmanager import doctor
+    from wgmanager.commands.doctor import checks as doctor
 
     doctor.add_arguments(d)
 
@@ -192,13 +192,8 @@ def settings_from(args: argparse.Namespace, node_name: str,
     if getattr(args, "key_rotation_interval", None) is not None:
         if args.key_rotation_timeout <= 0:
             raise ConfigError("--key-rotation-timeout must be positive, e.g. 5m")
-        from wgmanager.keyrotation import CRASH_POINTS
-
-        if args.test_crash_at and args.test_crash_at not in CRASH_POINTS:
-            raise ConfigError(f"--test-crash-at must be one of {', '.join(CRASH_POINTS)}")
         rotation = config.RotationSettings(interval=args.key_rotation_interval,
-                                           timeout=args.key_rotation_timeout,
-                                           crash_at=args.test_crash_at)
+                                           timeout=args.key_rotation_timeout)
     return config.NodeSettings(
         node_name=node_name,
         state_dir=args.state_dir,
@@ -249,8 +244,8 @@ def cmd_pubkey(args: argparse.Namespace) -> int:
 def cmd_apply(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from wgmanager import meshfile
-    from wgmanager.node import NodeReconciler
+    from wgmanager.commands import meshfile
+    from wgmanager.reconciler import NodeReconciler
 
     mesh = meshfile.load(args.mesh)
     mesh_config = mesh.config
@@ -283,12 +278,13 @@ def cmd_apply(args: argparse.Namespace) -> int:
 def cmd_agent(args: argparse.Namespace) -> int:
     import signal
 
-    from wgmanager.agent import Agent, AgentTiming, HealthSettings
+    from wgmanager.agent.health import HealthSettings
+    from wgmanager.agent.loop import Agent, AgentTiming
+    from wgmanager.agent.metrics import AgentMetrics
     from wgmanager.core.model import MeshConfig
     from wgmanager.kube.client import NodesAPI, load_api
     from wgmanager.kube.events import EventRecorder
-    from wgmanager.metrics import AgentMetrics
-    from wgmanager.node import NodeReconciler
+    from wgmanager.reconciler import NodeReconciler
 
     if not args.node_name:
         raise ConfigError("no node name: pass --node-name or set NODE_NAME (the Helm chart "
@@ -303,11 +299,11 @@ def cmd_agent(args: argparse.Namespace) -> int:
                              fail_closed=args.fail_mode == "closed")
     settings = settings_from(args, args.node_name, port)
     if not mesh_config.fail_closed:
-        logging.getLogger("wgmanager.agent").warning(
+        logging.getLogger("wgmanager.agent.loop").warning(
             "--fail-mode open: pod traffic to a node whose peer is not ready leaves "
             "unencrypted; use it only where availability matters more than confidentiality")
     elif not mesh_config.cluster_cidrs:
-        logging.getLogger("wgmanager.agent").warning(
+        logging.getLogger("wgmanager.agent.loop").warning(
             "no --cluster-cidrs: traffic to a pod CIDR no node claims (a deleted node's, a new "
             "node's before its key) follows the CNI's route in plaintext; set the cluster's "
             "pod CIDRs")
@@ -354,7 +350,7 @@ def _env_path(name: str) -> Path | None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from wgmanager import status
+    from wgmanager.commands import status
     from wgmanager.core.model import MeshConfig
     from wgmanager.kube.client import KubeError, NodesAPI, load_api
     from wgmanager.kube.translate import node_spec
@@ -380,7 +376,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from wgmanager import doctor
+    from wgmanager.commands.doctor import checks as doctor
 
     return doctor.run(args)
 
@@ -398,8 +394,8 @@ def cmd_wireguard_go_supervisor(args: argparse.Namespace) -> int:
 
 
 def cmd_rotate_keys(args: argparse.Namespace) -> int:
+    from wgmanager.commands.rotate_keys import rotate
     from wgmanager.kube.client import NodesAPI, load_api
-    from wgmanager.rotate_keys import rotate
 
     if args.all == bool(args.nodes):
         raise ConfigError("name the nodes to rotate, or pass --all (not both)")
@@ -409,7 +405,7 @@ def cmd_rotate_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_teardown(args: argparse.Namespace) -> int:
-    from wgmanager.node import teardown
+    from wgmanager.reconciler import teardown
 
     settings = settings_from(args, "", args.listen_port or config.DEFAULT_LISTEN_PORT)
     for line in teardown(settings, _backends(settings)):
