@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from http.server import ThreadingHTTPServer
 from typing import Any
 
+from wgmanager.agent.cache import NodeCache
 from wgmanager.agent.health import HealthSettings, serve_health
 from wgmanager.agent.metrics import AgentMetrics, LiveSources
 from wgmanager.agent.rotation import KeyRotator, Outcome
@@ -47,7 +48,7 @@ from wgmanager.kube.translate import (
     ROTATION_STATUS_ANNOTATION,
     node_spec,
 )
-from wgmanager.kube.watch import Deleted, NodeWatcher, Synced, Upserted, WatchEvent
+from wgmanager.kube.watch import NodeWatcher, WatchEvent
 from wgmanager.reconciler import NodeReconciler, ReconcileResult
 
 log = logging.getLogger(__name__)
@@ -76,9 +77,8 @@ class Agent:
         self.health_settings = health
         self.node_name = reconciler.settings.node_name
         self.watcher = NodeWatcher(nodes_api, watch_timeout=timing.watch_timeout)
-        self._lock = threading.Lock()
-        self._nodes: dict[str, NodeSpec] = {}
-        self._synced = False
+        self._lock = threading.Lock()  # guards _pending_since
+        self.cache = NodeCache()
         self._dirty = threading.Event()
         self._stop = threading.Event()
         self.heartbeat = time.monotonic()
@@ -109,23 +109,15 @@ class Agent:
     # -- events -----------------------------------------------------------------------
 
     def on_event(self, event: WatchEvent) -> None:
+        if not self.cache.apply(event):
+            return
         with self._lock:
-            if isinstance(event, Synced):
-                self._nodes = {n.name: n for n in event.nodes}
-                self._synced = True
-            elif isinstance(event, Upserted):
-                if self._nodes.get(event.node.name) == event.node:
-                    return  # a status heartbeat or an unrelated field: nothing for us
-                self._nodes[event.node.name] = event.node
-            elif isinstance(event, Deleted) and self._nodes.pop(event.name, None) is None:
-                return
             if self._pending_since is None:
                 self._pending_since = time.monotonic()
         self._dirty.set()
 
     def snapshot(self) -> tuple[bool, list[NodeSpec]]:
-        with self._lock:
-            return self._synced, list(self._nodes.values())
+        return self.cache.snapshot()
 
     # -- lifecycle --------------------------------------------------------------------
 

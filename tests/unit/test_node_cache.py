@@ -1,0 +1,28 @@
+"""The agent's node cache: which watch events count as changes."""
+
+from __future__ import annotations
+
+from wgmanager.agent.cache import NodeCache
+from wgmanager.core.model import NodeSpec
+from wgmanager.kube.watch import Deleted, Synced, Upserted
+
+A = NodeSpec("a", ("10.0.0.1",), ("10.244.1.0/24",), "key-a")
+B = NodeSpec("b", ("10.0.0.2",), ("10.244.2.0/24",), "key-b")
+
+
+def test_nothing_is_synced_before_the_first_complete_list() -> None:
+    cache = NodeCache()
+    assert cache.apply(Upserted(A))
+    assert cache.snapshot() == (False, [A])
+    assert cache.apply(Synced((A, B), "7"))
+    assert cache.snapshot() == (True, [A, B])
+
+
+def test_heartbeats_and_unknown_deletions_change_nothing() -> None:
+    cache = NodeCache()
+    cache.apply(Synced((A,), "1"))
+    assert not cache.apply(Upserted(A))  # the same spec again: a status heartbeat
+    assert not cache.apply(Deleted("nobody"))
+    assert cache.apply(Upserted(NodeSpec("a", ("10.0.0.9",), ("10.244.1.0/24",), "key-a")))
+    assert cache.apply(Deleted("a"))
+    assert cache.snapshot() == (True, [])
