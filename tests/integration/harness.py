@@ -4,6 +4,8 @@ Each node's commands run as separate processes inside the node's network namespa
 (``nsenter --net``, like a hostNetwork pod: same mount namespace, so bpffs pins and UAPI
 sockets are shared with the host). Each node gets its own key dir, UAPI socket dir and bpffs
 pin dir under names derived from the cluster prefix, so ``cleanup`` removes exactly those.
+A node can be given another wireguard-go binary (``use_wireguard_go``): its commands then run
+with a PATH that finds that binary first, as on a node where it is the one installed.
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ LAB_PIN_ROOT = Path("/sys/fs/bpf/wgmanager-lab")
 WGM = [sys.executable, "-m", "wgmanager"]
 CLUSTER_CIDRS = ["10.244.0.0/16", "fd00:244::/32"]
 LISTEN_PORT = 51820
+# Debian 12's wireguard-go (no TUN offloads, in no package), kept by `make setup`.
+OLD_WIREGUARD_GO = Path("/var/cache/wgmanager/wireguard-go-0.0.20220316/usr/bin/wireguard-go")
+OLD_WIREGUARD_GO_MISSING = (f"{OLD_WIREGUARD_GO} is absent: `make setup` keeps Debian 12's "
+                            "wireguard-go there")
 
 
 class Cluster:
@@ -38,6 +44,7 @@ class Cluster:
         (self.run_dir / "owner.pid").write_text(f"{os.getpid()}\n")
         self.mesh_path = self.run_dir / "mesh.json"
         self.keys: dict[str, str] = {}
+        self.node_env: dict[str, dict[str, str]] = {}  # per node name: environment overrides
 
     # -- per-node wgmanager -----------------------------------------------------------
 
@@ -46,10 +53,27 @@ class Cluster:
                 "--socket-dir", str(self.run_dir / node.name / "wg"),
                 "--pin-dir", str(self.pin_root / node.name)]
 
+    def use_wireguard_go(self, node: SimNode, binary: Path) -> None:
+        """Makes ``binary`` the wireguard-go that ``node``'s commands find first on PATH.
+
+        The userspace backend spawns ``wireguard-go`` from PATH, so a node's ``apply`` then
+        starts this binary, exactly as on a node where it is the installed one. Takes effect
+        when the node's device is (re)started, not for a wireguard-go already running.
+        """
+        bin_dir = self.run_dir / node.name / "bin"
+        bin_dir.mkdir(parents=True, exist_ok=True)
+        link = bin_dir / "wireguard-go"
+        link.unlink(missing_ok=True)
+        link.symlink_to(binary)
+        path = os.environ.get("PATH", os.defpath)
+        self.node_env[node.name] = {"PATH": f"{bin_dir}{os.pathsep}{path}"}
+
     def node_run(self, node: SimNode, argv: list[str], *, check: bool = True,
                  timeout: float = 120) -> subprocess.CompletedProcess[str]:
         cmd = ["nsenter", f"--net=/run/netns/{node.netns}", *argv]
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+        env = {**os.environ, **self.node_env.get(node.name, {})}
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False,
+                             env=env)
         if check and res.returncode != 0:
             raise AssertionError(f"{' '.join(argv)} on {node.name} failed: {res.stderr.strip()}")
         return res

@@ -23,10 +23,9 @@ from typing import Any
 
 import pytest
 
+from tests.integration.harness import OLD_WIREGUARD_GO as OLD_BINARY
+from tests.integration.harness import OLD_WIREGUARD_GO_MISSING as OLD_MISSING
 from tests.integration.harness import RUN_ROOT, WGM, cleanup_prefix
-
-OLD_BINARY = Path("/var/cache/wgmanager/wireguard-go-0.0.20220316/usr/bin/wireguard-go")
-OLD_MISSING = f"{OLD_BINARY} is absent: `make setup` keeps Debian 12's wireguard-go there"
 
 # Runs inside the namespace: start the device the way the agent does; print its pid.
 START = r"""
