@@ -39,8 +39,9 @@ lint: setup
 
 # Benchmarks quoted in docs/benchmarks.md: one table on stdout, bench/results.json on disk.
 # `bench` takes a few minutes on 2 cores; `bench-full` is longer (more samples, 5,000 nodes).
+# BENCH_ARGS passes options on, e.g. `make bench BENCH_ARGS=--profile` (where the CPU goes).
 bench: setup
-	$(PY) bench/run.py
+	$(PY) bench/run.py $(BENCH_ARGS)
 
 bench-full: setup
-	$(PY) bench/run.py --full
+	$(PY) bench/run.py --full $(BENCH_ARGS)
