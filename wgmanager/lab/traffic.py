@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import re
 import subprocess
 import sys
@@ -22,11 +23,19 @@ _PING = re.compile(r"(\d+) packets transmitted, (\d+) received")
 
 def ping(pod: Pod, dst: str, *, count: int = 2, interval: float = 0.2, size: int = 56,
          wait: float = 2.0) -> tuple[int, int]:
-    """(transmitted, received)."""
+    """(transmitted, received).
+
+    With ``-w`` ping waits for every reply up to the deadline: without it, once one reply is
+    in, iputils waits only twice the longest round trip for the others, so on a busy machine
+    a reply a few milliseconds late was counted as lost. (With a deadline, ping keeps
+    probing until ``count`` replies or the deadline: a lost echo still shows as
+    transmitted > received.)
+    """
+    deadline = math.ceil(count * interval + wait)
     res = subprocess.run(["ip", "netns", "exec", pod.netns, "ping", "-n", "-q", "-c",
                           str(count), "-i", str(interval), "-s", str(size), "-W", str(wait),
-                          dst], capture_output=True, text=True, check=False,
-                         timeout=count * interval + wait + 30)
+                          "-w", str(deadline), dst], capture_output=True, text=True,
+                         check=False, timeout=deadline + 30)
     m = _PING.search(res.stdout)
     if m is None:
         raise RuntimeError(f"ping {dst} from {pod.name}: {res.stdout} {res.stderr}".strip())
