@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import Cluster, cleanup_prefix, remove_stale_runs
-from wgmanager.lab import topology
+from tests.integration.harness import Cluster, applied_cluster, remove_stale_runs
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -45,13 +44,5 @@ def new_prefix() -> str:
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
     """3 nodes x 2 pods, keys generated, wgmanager applied on every node."""
-    prefix = new_prefix()
-    try:
-        topo = topology.create(prefix, nodes=3, pods_per_node=2)
-        c = Cluster(topo)
-        c.generate_keys()
-        c.write_mesh()
-        c.apply_all()
+    with applied_cluster(new_prefix()) as c:
         yield c
-    finally:
-        cleanup_prefix(prefix)

@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from wgmanager.lab import topology, traffic
@@ -29,6 +30,7 @@ LAB_PIN_ROOT = Path("/sys/fs/bpf/wgmanager-lab")
 WGM = [sys.executable, "-m", "wgmanager"]
 CLUSTER_CIDRS = ["10.244.0.0/16", "fd00:244::/32"]
 LISTEN_PORT = 51820
+FAMILIES = ("ipv4", "ipv6")
 # Debian 12's wireguard-go (no TUN offloads, in no package), kept by `make setup`.
 OLD_WIREGUARD_GO = Path("/var/cache/wgmanager/wireguard-go-0.0.20220316/usr/bin/wireguard-go")
 OLD_WIREGUARD_GO_MISSING = (f"{OLD_WIREGUARD_GO} is absent: `make setup` keeps Debian 12's "
@@ -127,6 +129,25 @@ class Cluster:
     def tcp_send(self, pod: Pod, host: str, port: int, nbytes: int = 4096) -> dict[str, object]:
         return traffic.tcp_send(pod, host, port, nbytes)
 
+    def unreachable_pairs(self) -> list[str]:
+        """Cross-node pod pairs (both families) that do not answer ICMP; [] when all do."""
+        return [f"{a.name} -> {b.name} ({fam})"
+                for a, b in self.topo.cross_node_pairs() for fam in FAMILIES
+                if not self.reaches(a, getattr(b, fam))]
+
+    def tcp_failures(self, port: int = 7000, nbytes: int = 64 * 1024) -> list[str]:
+        """Cross-node pod pairs (both families) whose TCP transfer failed; [] when none."""
+        failures = []
+        for server in self.topo.pods:
+            clients = [p for p in self.topo.pods if p.node != server.node]
+            with self.tcp_server(server, port, count=len(clients) * len(FAMILIES)):
+                for client in clients:
+                    for fam in FAMILIES:
+                        res = self.tcp_send(client, getattr(server, fam), port, nbytes=nbytes)
+                        if not res["ok"]:
+                            failures.append(f"{client.name} -> {server.name} ({fam}): {res}")
+        return failures
+
     def capture(self, name: str) -> contextlib.AbstractContextManager[Capture]:
         return capture(self.topo.underlay_netns, self.topo.bridge,
                        self.run_dir / f"{name}.pcap", wg_ports=(LISTEN_PORT, LISTEN_PORT + 1),
@@ -136,6 +157,27 @@ class Cluster:
 
     def cleanup(self) -> None:
         cleanup_prefix(self.topo.prefix)
+
+
+@contextlib.contextmanager
+def applied_cluster(prefix: str, *, wireguard_go: dict[int, Path] | None = None,
+                    nodes: int = 3, pods_per_node: int = 2) -> Iterator[Cluster]:
+    """A topology with keys generated and `wgmanager apply` run on every node; removed after.
+
+    ``wireguard_go`` maps node indexes to another wireguard-go binary for that node.
+    """
+    try:
+        topo = topology.create(prefix, nodes=nodes, pods_per_node=pods_per_node)
+        c = Cluster(topo)
+        for node in topo.nodes:
+            if wireguard_go and node.index in wireguard_go:
+                c.use_wireguard_go(node, wireguard_go[node.index])
+        c.generate_keys()
+        c.write_mesh()
+        c.apply_all()
+        yield c
+    finally:
+        cleanup_prefix(prefix)
 
 
 def cleanup_prefix(prefix: str) -> None:

@@ -6,34 +6,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import Cluster
+from tests.integration.harness import FAMILIES, Cluster
 from wgmanager.datapath.maps import Counter, PinnedMaps
 from wgmanager.lab.traffic import continuous_ping
 
-FAMILIES = ["ipv4", "ipv6"]
-
 
 def test_every_cross_node_pod_pair_reaches_each_other_over_icmp(cluster: Cluster) -> None:
-    failures = [
-        f"{a.name} -> {b.name} ({fam})"
-        for a, b in cluster.topo.cross_node_pairs()
-        for fam in FAMILIES
-        if not cluster.reaches(a, getattr(b, fam))
-    ]
-    assert failures == []
+    assert cluster.unreachable_pairs() == []
 
 
 def test_every_cross_node_pod_pair_talks_tcp(cluster: Cluster) -> None:
-    failures = []
-    for server in cluster.topo.pods:
-        clients = [p for p in cluster.topo.pods if p.node != server.node]
-        with cluster.tcp_server(server, 7000, count=len(clients) * len(FAMILIES)):
-            for client in clients:
-                for fam in FAMILIES:
-                    res = cluster.tcp_send(client, getattr(server, fam), 7000, nbytes=64 * 1024)
-                    if not res["ok"]:
-                        failures.append(f"{client.name} -> {server.name} ({fam}): {res}")
-    assert failures == []
+    assert cluster.tcp_failures() == []
 
 
 def _all_pairs_traffic(cluster: Cluster) -> None:

@@ -22,15 +22,13 @@ from typing import Any
 import pytest
 
 from tests.integration.harness import (
+    FAMILIES,
     OLD_WIREGUARD_GO,
     OLD_WIREGUARD_GO_MISSING,
     Cluster,
-    cleanup_prefix,
+    applied_cluster,
 )
-from wgmanager.lab import topology
 from wgmanager.lab.topology import SimNode
-
-FAMILIES = ["ipv4", "ipv6"]
 
 
 def runs_old(node: SimNode) -> bool:
@@ -42,19 +40,9 @@ def mixed() -> Iterator[Cluster]:
     """3 nodes x 2 pods: nodes 1 and 2 on the old wireguard-go, node 3 on the new one."""
     if not OLD_WIREGUARD_GO.exists():
         pytest.skip(OLD_WIREGUARD_GO_MISSING)
-    prefix = "wgo" + secrets.token_hex(3)
-    try:
-        topo = topology.create(prefix, nodes=3, pods_per_node=2)
-        c = Cluster(topo)
-        for node in topo.nodes:
-            if runs_old(node):
-                c.use_wireguard_go(node, OLD_WIREGUARD_GO)
-        c.generate_keys()
-        c.write_mesh()
-        c.apply_all()
+    old = {n: OLD_WIREGUARD_GO for n in (1, 2)}
+    with applied_cluster("wgo" + secrets.token_hex(3), wireguard_go=old) as c:
         yield c
-    finally:
-        cleanup_prefix(prefix)
 
 
 def device_pid(cluster: Cluster, node: SimNode) -> int:
@@ -103,26 +91,11 @@ def test_old_nodes_run_the_old_binary_without_offloads_and_the_new_node_the_new(
 
 
 def test_every_cross_node_pod_pair_reaches_each_other_over_icmp(mixed: Cluster) -> None:
-    failures = [
-        f"{a.name} -> {b.name} ({fam})"
-        for a, b in mixed.topo.cross_node_pairs()
-        for fam in FAMILIES
-        if not mixed.reaches(a, getattr(b, fam))
-    ]
-    assert failures == []
+    assert mixed.unreachable_pairs() == []
 
 
 def test_every_cross_node_pod_pair_talks_tcp(mixed: Cluster) -> None:
-    failures = []
-    for server in mixed.topo.pods:
-        clients = [p for p in mixed.topo.pods if p.node != server.node]
-        with mixed.tcp_server(server, 7000, count=len(clients) * len(FAMILIES)):
-            for client in clients:
-                for fam in FAMILIES:
-                    res = mixed.tcp_send(client, getattr(server, fam), 7000, nbytes=64 * 1024)
-                    if not res["ok"]:
-                        failures.append(f"{client.name} -> {server.name} ({fam}): {res}")
-    assert failures == []
+    assert mixed.tcp_failures() == []
 
 
 def test_underlay_carries_only_wireguard_unfragmented(mixed: Cluster) -> None:
