@@ -205,7 +205,9 @@ class NodeReconciler:
             # 2. Devices (one per slot the rotation state needs), keys, links.
             local_addr = mesh.local.addresses[0]
             uplink = (links.get_link(ipr, self.settings.datapath.uplink)
-                      if self.settings.datapath.uplink else links.uplink_for(ipr, local_addr))
+                      if self.settings.datapath.uplink
+                      else links.uplink_for(ipr, local_addr, exclude=frozenset(
+                          wg.ifname_for(slot) for slot in SLOTS)))
             if uplink is None:
                 raise ConfigError(f"uplink {self.settings.datapath.uplink!r} not found")
             mtu = wg.mtu or wireguard_mtu(uplink.mtu, local_addr.version)

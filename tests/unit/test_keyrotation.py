@@ -9,9 +9,10 @@ from wgmanager.agent.rotation import KeyRotator
 from wgmanager.config import NodeSettings, RotationSettings
 from wgmanager.core.keys import PrivateKey
 from wgmanager.core.model import NodeSpec
-from wgmanager.core.rotation import Progress
+from wgmanager.core.rotation import Progress, RotationState, RotationStatus
+from wgmanager.errors import KeyStoreError
 from wgmanager.keystore import KeyStore, slot_key
-from wgmanager.kube.translate import NEXT_KEY_ANNOTATION
+from wgmanager.kube.translate import NEXT_KEY_ANNOTATION, ROTATION_STATUS_ANNOTATION
 
 
 class _Device:
@@ -68,3 +69,38 @@ def test_the_next_key_waits_for_the_steering_in_every_rotation_of_a_process(
     rotate_once(rot, "r1")
     rotate_once(rot, "r2")
     rotate_once(rot, "r3")
+
+
+class FullDisk(KeyStore):
+    """A key store whose state writes fail the way a full disk makes them fail."""
+
+    def __init__(self, state_dir: Path) -> None:
+        super().__init__(state_dir)
+        self.full = True
+
+    def save_rotation(self, state: RotationState) -> None:
+        if self.full:
+            raise KeyStoreError(f"could not write {self.state_dir}/rotation.json: No space left "
+                                "on device; free space on the node")
+        super().save_rotation(state)
+
+
+def test_a_request_that_cannot_start_fails_with_the_reason_and_never_resumes_unasked(
+        tmp_path: Path) -> None:
+    """Audit: with a full disk the CLI said "did not pick up the request", and the
+    rotation later ran by itself once space was back."""
+    fake = FakeReconciler(tmp_path)
+    fake.keystore = FullDisk(tmp_path)
+    rot = KeyRotator(fake, RotationSettings(timeout=60))  # type: ignore[arg-type]
+    rot.before_reconcile(me("r1"), [])
+    assert not rot.active
+    status = RotationStatus.parse(rot.annotations()[ROTATION_STATUS_ANNOTATION])
+    assert status is not None and status.request == "r1" and status.phase == "idle"
+    assert status.result.startswith("failed: ") and "No space left on device" in status.result
+    assert "\n" not in status.result
+    fake.keystore.full = False  # space is back: the same request must not start by itself
+    rot.before_reconcile(me("r1"), [])
+    assert not rot.active
+    rot.before_reconcile(me("r2"), [])  # a new request does
+    assert rot.active and rot.state.rotation is not None
+    assert rot.state.rotation.request == "r2"

@@ -282,3 +282,44 @@ class TestPrivateKeyStaysSecret:
         # copy goes through the same __reduce__ path, so secrets are never silently cloned
         with pytest.raises(TypeError, match="not picklable"):
             duplicate(PrivateKey.generate())  # type: ignore[operator]
+
+
+class TestWeakPublicKeys:
+    """Small-order points: 'configured' peers that can never complete a handshake."""
+
+    LOW_ORDER = (
+        "0100000000000000000000000000000000000000000000000000000000000000",
+        "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800",
+        "5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157",
+        "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+        "edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+        "eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+    )
+
+    @pytest.mark.parametrize("hexkey", LOW_ORDER)
+    @pytest.mark.parametrize("top_bit", [False, True])
+    def test_low_order_points_are_rejected_with_the_reason(self, hexkey: str,
+                                                           top_bit: bool) -> None:
+        raw = bytearray(bytes.fromhex(hexkey))
+        if top_bit:  # X25519 ignores the top bit: the same point
+            raw[31] |= 0x80
+        with pytest.raises(InvalidKey, match="low-order"):
+            PublicKey.from_base64(b64(bytes(raw)))
+
+    @given(st.one_of(raw_keys, st.sampled_from([bytes.fromhex(h) for h in LOW_ORDER])))
+    @PROPERTY
+    def test_rejected_exactly_when_libsodium_refuses_the_point(self, raw: bytes) -> None:
+        """libsodium (via PyNaCl) is the oracle: X25519 with a small-order point fails."""
+        import nacl.bindings
+
+        try:
+            nacl.bindings.crypto_scalarmult(bytes([9]) * KEY_LEN, raw)
+            usable = True
+        except RuntimeError:
+            usable = False
+        try:
+            PublicKey.from_base64(b64(raw))
+            accepted = True
+        except InvalidKey:
+            accepted = False
+        assert accepted == usable

@@ -706,3 +706,12 @@ def test_cidr_claims_index_agrees_with_brute_force(
     probe = net(probe_raw)
     brute = any(probe.overlaps(h) for h in held)
     assert (claims.overlapping(probe) is not None) == brute
+
+
+def test_a_node_with_a_low_order_key_gets_no_peer_and_the_reason() -> None:
+    """The audit's u=1 key: accepted before, "configured 2/2", dark forever, no warning."""
+    weak = b64(b"\x01" + bytes(KEY_LEN - 1))
+    mesh = mesh_of(node("good", 2), node("weak", 3, public_key=weak))
+    assert set(mesh.nodes) == {"good"}
+    assert "low-order" in mesh.rejected["weak"].reason
+    assert not mesh.rejected["weak"].pending

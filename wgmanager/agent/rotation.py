@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from wgmanager.config import RotationSettings
 from wgmanager.core.model import Node, NodeSpec
@@ -35,6 +35,7 @@ from wgmanager.core.rotation import (
     status_annotation,
     step,
 )
+from wgmanager.errors import WgmError
 from wgmanager.keystore import slot_key
 from wgmanager.kube.translate import (
     NEXT_KEY_ANNOTATION,
@@ -63,6 +64,7 @@ CHECKPOINTS = (
 )
 
 
+SCHEDULE_RETRY = 600.0  # seconds before a refused scheduled rotation is tried again
 RETIRE_MAX_WAIT = 5.0  # seconds after a rotation ends: the old device goes, received or not
 
 
@@ -94,6 +96,10 @@ class KeyRotator:
         self.progress: Progress | None = None
         # While the retired slot's device still receives: (its rx bytes, since when).
         self._draining: tuple[int, float] | None = None
+        # The last request that could not even start (its state could not be written, e.g.
+        # a full disk), with the reason: answered as failed and never retried unasked.
+        self._refused: tuple[str, str] | None = None
+        self._schedule_paused_until = 0.0
 
     @property
     def active(self) -> bool:
@@ -116,12 +122,26 @@ class KeyRotator:
         if self.state.rotation is None:
             request = self._request(me, {n.name: n for n in remote})
             if request:
-                # A fresh key for every rotation: a leftover file of the slot is discarded.
-                self.reconciler.retire_slot(1 - self.state.slot)
-                self._save(begin(self.state, request, self._clock()))
+                try:
+                    # A fresh key for every rotation: a leftover file of the slot goes.
+                    self.reconciler.retire_slot(1 - self.state.slot)
+                    self._save(begin(self.state, request, self._clock()))
+                except WgmError as e:
+                    self._refuse(request, str(e))
+                    return self.state
+                self._refused = None
                 log.info("key rotation started", extra={"request": request})
                 self.checkpoint("prepare-persisted")
         return self.state
+
+    def _refuse(self, request: str, reason: str) -> None:
+        """A request that cannot start: say why (status annotation, one line for the CLI)
+        and do not try it again by ourselves; a new request, or for the schedule ten
+        minutes, is the next attempt."""
+        self._refused = (request, reason)
+        if request.startswith("schedule-"):
+            self._schedule_paused_until = self._clock() + SCHEDULE_RETRY
+        log.error("key rotation refused", extra={"request": request, "error": reason})
 
     def after_reconcile(self, progress: Progress | None) -> Outcome | None:
         """Advances the state machine after a successful reconcile of ``self.state``."""
@@ -198,7 +218,7 @@ class KeyRotator:
         values: dict[str, str | None] = {
             PUBLIC_KEY_ANNOTATION: self.reconciler.key_for(pub.slot).public_key.base64(),
             PORT_ANNOTATION: str(wg.port_for(pub.slot)),
-            ROTATION_STATUS_ANNOTATION: status_annotation(self.state, self.progress),
+            ROTATION_STATUS_ANNOTATION: status_annotation(self._answered(), self.progress),
         }
         rot = self.state.rotation
         if rot is not None and rot.phase is not Phase.PREPARE and not self._steered_now():
@@ -216,6 +236,13 @@ class KeyRotator:
             values[NEXT_PORT_ANNOTATION] = str(wg.port_for(pub.next_slot))
         return values
 
+    def _answered(self) -> RotationState:
+        """The state the status annotation reports: a refused request as failed."""
+        if self._refused is None or self.state.rotation is not None:
+            return self.state
+        request, reason = self._refused
+        return replace(self.state, last_request=request, last_result=f"failed: {reason}")
+
     def published(self) -> None:
         """The annotations were written."""
         rot = self.state.rotation
@@ -226,10 +253,11 @@ class KeyRotator:
 
     def _request(self, me: NodeSpec | None, remote: dict[str, Node]) -> str:
         asked = (me.rotation_request or "").strip() if me is not None else ""
-        if asked and asked != self.state.last_request:
+        refused = self._refused[0] if self._refused else ""
+        if asked and asked not in (self.state.last_request, refused):
             return asked
         interval = self.settings.interval
-        if interval > 0:
+        if interval > 0 and self._clock() >= self._schedule_paused_until:
             created = self.store.mtime(slot_key(self.state.slot))
             now = self._clock()
             if created is not None and schedule_due(self.reconciler.settings.node_name,

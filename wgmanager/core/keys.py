@@ -17,6 +17,24 @@ from nacl.utils import random as nacl_random
 
 KEY_LEN = 32
 
+# Curve25519 points of small order (little-endian u-coordinates, top bit ignored): the list
+# libsodium rejects (has_small_order). No Diffie-Hellman with them yields a usable secret,
+# so a peer with such a key never completes a handshake: "configured" but dark forever.
+_LOW_ORDER = frozenset(bytes.fromhex(h) for h in (
+    "0000000000000000000000000000000000000000000000000000000000000000",  # 0
+    "0100000000000000000000000000000000000000000000000000000000000000",  # 1
+    "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800",  # order 8
+    "5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157",  # order 8
+    "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",  # p - 1
+    "edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",  # p
+    "eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",  # p + 1
+))
+
+
+def is_low_order(raw: bytes) -> bool:
+    """Whether a public key is a small-order point (or the all-zero key)."""
+    return raw[:31] + bytes([raw[31] & 0x7F]) in _LOW_ORDER
+
 
 class InvalidKey(ValueError):
     """A key string that is not 32 bytes of standard base64 (or hex on the UAPI socket)."""
@@ -50,6 +68,9 @@ class PublicKey:
         raw = _decode_base64(text)
         if raw == bytes(KEY_LEN):
             raise InvalidKey("all-zero key")
+        if is_low_order(raw):
+            raise InvalidKey("a low-order Curve25519 point: no handshake with it can ever "
+                             "complete (a forged or broken key)")
         return cls(raw)
 
     @classmethod

@@ -93,15 +93,21 @@ def ensure_up(ipr: IPRoute, ifname: str, *, mtu: int) -> Link:
     return link
 
 
-def uplink_for(ipr: IPRoute, address: IPAddress) -> Link:
-    """The device holding the node's own underlay address."""
+def uplink_for(ipr: IPRoute, address: IPAddress, *,
+               exclude: frozenset[str] = frozenset()) -> Link:
+    """The device holding the node's own underlay address, never one in ``exclude``.
+
+    Our WireGuard devices carry the node's address too (as a /32, for the reverse-path
+    check): when the address vanished from the real uplink, the first WireGuard device
+    was chosen, and the guard went onto the tunnel with an MTU 60 bytes short.
+    """
     for msg in ipr.get_addr(family=4 if address.version == 4 else 10):
         if msg.get_attr("IFA_ADDRESS") == str(address):
             found = ipr.get_links(msg["index"])
-            if found:
+            if found and _link(found[0]).ifname not in exclude:
                 return _link(found[0])
-    raise ConfigError(f"no local device holds the node address {address}; "
-                      "pass --uplink or fix the node's InternalIP")
+    raise ConfigError(f"no local device holds the node address {address} (WireGuard "
+                      "devices do not count); pass --uplink or fix the node's InternalIP")
 
 
 def ensure_address(ipr: IPRoute, ifname: str, address: IPAddress) -> bool:

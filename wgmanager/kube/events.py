@@ -2,8 +2,10 @@
 
 Like kubelet's node events they live in the `default` namespace with the Node as the
 involved object, so `kubectl describe node NAME` shows them. Two rules keep them cheap and
-harmless: an event for the same (reason, subject) is sent at most once per ``min_interval``
-(a bad annotation seen on every resync is one event, not hundreds), and sending happens on a
+harmless: the same event (reason, subject and message) is sent at most once per
+``min_interval`` (a bad annotation seen on every resync is one event, not hundreds, while a
+changed message goes out at once: the audit saw a PeerRejected event keep its first reason
+for ten minutes), and sending happens on a
 worker thread behind a bounded queue, so an unreachable API server never slows the
 reconcile loop (events that do not fit are dropped and counted).
 """
@@ -33,7 +35,7 @@ class EventRecorder:
         self.clock = clock
         self.dropped = 0
         self.sent = 0
-        self._last: dict[tuple[str, str], float] = {}
+        self._last: dict[tuple[str, str, str], float] = {}
         self._queue: queue.Queue[dict[str, Any]] = queue.Queue(maxsize=queue_size)
         self._uid: str | None = None
         threading.Thread(target=self._worker, name="events", daemon=True).start()
@@ -47,10 +49,13 @@ class EventRecorder:
     def _emit(self, kind: str, reason: str, message: str, subject: str) -> bool:
         """Queues the event unless rate-limited; returns True if queued."""
         now = self.clock()
-        last = self._last.get((reason, subject))
+        key = (reason, subject, message)
+        last = self._last.get(key)
         if last is not None and now - last < self.min_interval:
             return False
-        self._last[(reason, subject)] = now
+        if len(self._last) > 4096:  # forget what the rate limit no longer covers
+            self._last = {k: t for k, t in self._last.items() if now - t < self.min_interval}
+        self._last[key] = now
         stamp = datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
         body = {
             "metadata": {"generateName": f"{self.node_name}.", "namespace": "default"},
