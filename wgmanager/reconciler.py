@@ -186,6 +186,11 @@ class NodeReconciler:
         mesh = compute_mesh(local_name=self.settings.node_name,
                             local_key=self.private_key.public_key,
                             specs=specs, config=self.mesh_config, previous=self._previous)
+        if mesh.contested and (self._previous is None
+                               or self._previous.contested != mesh.contested):
+            log.warning("local pod CIDR overlaps an older node's: traffic to it is dropped; "
+                        "fix this node's podCIDR",
+                        extra={"cidrs": ", ".join(str(c) for c in mesh.contested)})
         remote = list(mesh.nodes.values())
         program = self.load_datapath()
         wg = self.settings.wireguard

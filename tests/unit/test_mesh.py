@@ -644,6 +644,8 @@ class TestDatapathMap:
             for c in n.pod_cidrs:
                 ready = n.public_key in dev_peers and c in dev_peers[n.public_key].allowed_ips
                 owned[c] = Action.REDIRECT if ready else Action.DROP
+        for c in mesh.contested:  # local ranges an older node owns: dropped here
+            owned[c] = Action.DROP
         for c, action in owned.items():
             assert entries[c] is action
 
@@ -715,3 +717,38 @@ def test_a_node_with_a_low_order_key_gets_no_peer_and_the_reason() -> None:
     assert set(mesh.nodes) == {"good"}
     assert "low-order" in mesh.rejected["weak"].reason
     assert not mesh.rejected["weak"].pending
+
+
+# -- the local node's own CIDR overlaps an older node's: fail closed here ------------------
+
+NEWER_LOCAL = NodeSpec("local", ("192.168.0.1",), ("10.244.2.0/24",), None, created=500.0)
+SUPERNET_LOCAL = NodeSpec("local", ("192.168.0.1",), ("10.244.0.0/16",), None, created=500.0)
+
+
+@pytest.mark.parametrize(("local", "contested"), [
+    (NEWER_LOCAL, "10.244.2.0/24"),  # exact overlap: the whole local CIDR
+    (SUPERNET_LOCAL, "10.244.2.0/24"),  # a supernet of the older node's CIDR: that part
+])
+def test_a_newer_local_node_drops_traffic_to_the_range_an_older_node_owns(
+        local: NodeSpec, contested: str) -> None:
+    """Audit: 1,846 (exact) and 1,729 (/16) plaintext packets from the bad node itself."""
+    mesh = mesh_of(node("b", 2, created=100.0), local=local)
+    assert "b" in mesh.rejected  # it still gets no peer here
+    assert mesh.contested == (net(contested),)
+    entries = datapath_map(mesh, device(), CONFIG)
+    assert entries[net(contested)] is Action.DROP
+
+
+def test_an_older_local_node_keeps_its_range() -> None:
+    mesh = mesh_of(node("b", 2, created=900.0), local=NEWER_LOCAL)
+    assert mesh.contested == ()
+    assert datapath_map(mesh, device(), CONFIG)[net("10.244.2.0/24")] is Action.LOCAL
+
+
+def test_a_node_that_changes_into_our_range_cannot_take_it() -> None:
+    """An accepted node that turns bad has the worse claim, however old it is."""
+    before = mesh_of(node("b", 3, created=100.0), local=NEWER_LOCAL)
+    assert "b" in before.nodes
+    moved = node("b", 3, created=100.0, cidrs=("10.244.2.0/24",))
+    after = mesh_of(moved, local=NEWER_LOCAL, previous=before)
+    assert "b" in after.rejected and after.contested == ()
