@@ -176,8 +176,8 @@ class NodeReconciler:
             self._program = Program(pin_dir=dp.pin_dir, max_cidrs=dp.max_cidrs)
         return self._program
 
-    def reconcile(self, specs: Iterable[NodeSpec],
-                  rotation: RotationState | None = None) -> ReconcileResult:
+    def reconcile(self, specs: Iterable[NodeSpec], rotation: RotationState | None = None,
+                  quarantined: frozenset[str] = frozenset()) -> ReconcileResult:
         started = time.monotonic()
         if rotation is not None:
             self._rotation = rotation
@@ -185,7 +185,8 @@ class NodeReconciler:
         lay = layout(rot)
         mesh = compute_mesh(local_name=self.settings.node_name,
                             local_key=self.private_key.public_key,
-                            specs=specs, config=self.mesh_config, previous=self._previous)
+                            specs=specs, config=self.mesh_config, previous=self._previous,
+                            quarantined=quarantined)
         if mesh.contested and (self._previous is None
                                or self._previous.contested != mesh.contested):
             log.warning("local pod CIDR overlaps an older node's: traffic to it is dropped; "

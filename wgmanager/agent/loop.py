@@ -32,6 +32,8 @@ from wgmanager.agent.cache import NodeCache
 from wgmanager.agent.health import HealthSettings, serve_health
 from wgmanager.agent.metrics import AgentMetrics, LiveSources
 from wgmanager.agent.rotation import KeyRotator, Outcome
+from wgmanager.core.keywatch import KeyWatch, quarantined
+from wgmanager.core.keywatch import observe as observe_keys
 from wgmanager.core.mesh import LocalNodeError
 from wgmanager.core.model import NodeSpec
 from wgmanager.datapath import links
@@ -91,6 +93,9 @@ class Agent:
         self.metrics = metrics
         self.events = events
         self._reported: dict[str, str] = {}  # rejected node -> reason already reported
+        self.keywatch = KeyWatch()
+        self._written: dict[str, list[str | None]] = {}  # annotation -> values we wrote
+        self._looked = False  # whether we have compared our Node with what we want before
         self.rotator = KeyRotator(reconciler, reconciler.settings.rotation)
         reconciler.rotation = self.rotator.state
         if metrics is not None:
@@ -183,7 +188,7 @@ class Agent:
                 try:
                     remote = self.reconciler.mesh.nodes.values() if self.reconciler.mesh else ()
                     state = self.rotator.before_reconcile(me, remote)
-                    result = self.reconciler.reconcile(nodes, state)
+                    result = self.reconciler.reconcile(nodes, state, self._watch_keys(nodes))
                     self.last_reconcile_ok, self.last_error = True, ""
                     self.reconciles += 1
                     backoff.reset()
@@ -291,6 +296,27 @@ class Agent:
         except Exception:  # any failure to look means "reconcile"
             return False
 
+    def _watch_keys(self, nodes: list[NodeSpec]) -> frozenset[str]:
+        """Warns about other nodes' keys replaced outside the rotation protocol; returns the
+        nodes quarantined for it (wgmanager.core.keywatch)."""
+        now = time.monotonic()
+        self.keywatch, jumped = observe_keys(self.keywatch, nodes, local=self.node_name,
+                                             now=now)
+        for name in jumped:
+            log.warning("a node's WireGuard key was replaced outside the rotation protocol",
+                        extra={"node": name})
+            if self.events is not None:
+                self.events.warning(
+                    "PeerKeyReplaced", f"node {name}'s WireGuard key was replaced outside the "
+                    "rotation protocol (a second writer, or a stolen node credential?)",
+                    subject=name)
+            if self.metrics is not None:
+                self.metrics.peer_key_replacements.inc()
+        held = quarantined(self.keywatch, now)
+        if self.metrics is not None:
+            self.metrics.quarantined_nodes.set(len(held))
+        return held
+
     def _annotation_changes(self, me: NodeSpec | None) -> dict[str, str | None]:
         """The annotations of ours that our Node does not carry yet (all of them if the
         Node is not in the list)."""
@@ -300,7 +326,35 @@ class Agent:
         have = {PUBLIC_KEY_ANNOTATION: me.public_key, PORT_ANNOTATION: me.port,
                 NEXT_KEY_ANNOTATION: me.next_public_key, NEXT_PORT_ANNOTATION: me.next_port,
                 ROTATION_STATUS_ANNOTATION: me.rotation_status}
-        return {k: v for k, v in want.items() if have.get(k) != v}
+        for k, v in want.items():
+            if have.get(k) == v:
+                self._remember(k, v)  # ours (also what a previous agent process wrote)
+        changes = {k: v for k, v in want.items() if have.get(k) != v}
+        # Our key annotations holding a value we never wrote nor found as ours: someone else
+        # wrote them (the watch echo of our own write shows a value we did write). Not on
+        # the first look at our Node: a previous agent process may have left other values.
+        forged = [k for k in (PUBLIC_KEY_ANNOTATION, NEXT_KEY_ANNOTATION)
+                  if self._looked and k in changes and have.get(k) is not None
+                  and have.get(k) not in self._written.get(k, ())]
+        self._looked = True
+        if forged:
+            log.warning("our key annotations were overwritten by someone else; publishing "
+                        "ours again", extra={"node": self.node_name,
+                                             "annotations": ", ".join(forged)})
+            if self.events is not None:
+                self.events.warning(
+                    "KeyAnnotationOverwritten", f"{', '.join(forged)} on this node was "
+                    "overwritten by someone else (a stolen credential?); wgmanager wrote its "
+                    "own value again", subject=",".join(forged))
+            if self.metrics is not None:
+                self.metrics.own_annotation_overwrites.inc()
+        return changes
+
+    def _remember(self, name: str, value: str | None) -> None:
+        """The last few values of one of our annotations that are ours."""
+        values = self._written.get(name, [])
+        if value not in values:
+            self._written[name] = [*values[-3:], value]
 
     def _publish(self, changes: dict[str, str | None], backoff: Backoff) -> float:
         """Writes our annotations; returns seconds until the next attempt is allowed."""
@@ -312,6 +366,8 @@ class Agent:
                                                              "error": str(e)})
             return delay
         backoff.reset()
+        for k, v in changes.items():
+            self._remember(k, v)
         self.rotator.published()
         key = changes.get(PUBLIC_KEY_ANNOTATION)
         if key:

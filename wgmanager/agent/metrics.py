@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -71,6 +71,15 @@ class AgentMetrics:
         self.key_rotations = Counter("wgmanager_key_rotations", "Key rotations that ended, "
                                      "by result (completed, rolled_back)", ["result"],
                                      registry=r)
+        self.peer_key_replacements = Counter(
+            "wgmanager_peer_key_replacements", "Another node's WireGuard key replaced outside "
+            "the rotation protocol (no key in common with the one before)", registry=r)
+        self.own_annotation_overwrites = Counter(
+            "wgmanager_own_annotation_overwrites", "This node's wgmanager.io annotations "
+            "found overwritten by someone else (and published again)", registry=r)
+        self.quarantined_nodes = Gauge(
+            "wgmanager_quarantined_nodes", "Nodes given no peer because their key keeps "
+            "being replaced outside the rotation protocol", registry=r)
         self.key_rotation_duration = Histogram(
             "wgmanager_key_rotation_duration_seconds",
             "From a key rotation's start to its end (all peers on the new key, or rolled back)",

@@ -30,6 +30,10 @@ from wgmanager.core.model import (
     network_sort_key,
 )
 
+QUARANTINE_REASON = ("its WireGuard key was replaced outside the rotation protocol again and "
+                     "again (two writers, or a stolen node credential): no peer until it is "
+                     "stable; check who writes its wgmanager.io annotations")
+
 
 class LocalNodeError(ValueError):
     """The local node itself cannot be used (missing, or its own data is invalid)."""
@@ -126,8 +130,10 @@ def compute_mesh(
     specs: Iterable[NodeSpec],
     config: MeshConfig,
     previous: Mesh | None = None,
+    quarantined: frozenset[str] = frozenset(),
 ) -> Mesh:
-    """The desired mesh for ``local_name``. ``previous`` lets incumbents keep their claims."""
+    """The desired mesh for ``local_name``. ``previous`` lets incumbents keep their claims;
+    ``quarantined`` nodes get no peer (see wgmanager.core.keywatch)."""
     by_name: dict[str, NodeSpec] = {}
     for spec in specs:
         by_name[spec.name] = spec
@@ -144,7 +150,9 @@ def compute_mesh(
     candidates: list[tuple[Node, NodeSpec]] = []
     for spec in by_name.values():
         parsed = parse_node(spec)
-        if isinstance(parsed, Rejected):
+        if spec.name in quarantined:
+            rejected[spec.name] = Rejected(spec.name, QUARANTINE_REASON, parsed.pod_cidrs)
+        elif isinstance(parsed, Rejected):
             rejected[spec.name] = parsed
         else:
             candidates.append((parsed, spec))
