@@ -40,6 +40,7 @@ from wgmanager.core.plan import (
     RemovePeer,
     UpdatePeer,
     apply_peer_ops,
+    given_ips,
     plan_peers,
 )
 from wgmanager.errors import BackendUnavailable, DeviceError
@@ -347,12 +348,7 @@ def converge(dev: UserspaceBackend, desired: Mapping[PublicKey, PeerConfig], lab
     assert plan_peers(desired, after) == [], label
     assert after == apply_peer_ops(before, ops), f"{label}: device and model disagree"
     # Only the peers the ops name, and peers that lost an allowed IP to them, may change.
-    handed: set[IPNetwork] = set()
-    for op in ops:
-        if isinstance(op, AddPeer):
-            handed |= op.peer.allowed_ips
-        elif isinstance(op, UpdatePeer):
-            handed |= op.add_allowed_ips
+    handed = given_ips(ops)
     losers = {k for k, st in before.items() if st.allowed_ips & handed} - op_keys
     for key in before.keys() - op_keys - losers:
         assert after[key] == before[key], f"{label}: untouched peer {key.short()} changed"

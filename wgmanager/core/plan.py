@@ -13,7 +13,7 @@ left matching nothing (which would let it out unencrypted) while its entry is re
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
 from wgmanager.core.keys import PublicKey
@@ -120,6 +120,17 @@ def plan_peers(desired: Mapping[PublicKey, PeerConfig],
     return adds + updates + removes
 
 
+def given_ips(ops: Iterable[PeerOp]) -> frozenset[IPNetwork]:
+    """The allowed IPs these operations give to a peer (taking them from any other)."""
+    out: set[IPNetwork] = set()
+    for op in ops:
+        if isinstance(op, AddPeer):
+            out |= op.peer.allowed_ips
+        elif isinstance(op, UpdatePeer):
+            out |= op.add_allowed_ips
+    return frozenset(out)
+
+
 def defer_replaced_removals(ops: list[PeerOp], have: Mapping[PublicKey, PeerState],
                             retiring: dict[PublicKey, float], now: float,
                             grace: float) -> list[PeerOp]:
@@ -129,12 +140,7 @@ def defer_replaced_removals(ops: list[PeerOp], have: Mapping[PublicKey, PeerStat
     give to another peer. Its removal is recorded in ``retiring`` (key -> earliest removal)
     and planned again by a later reconcile; ``retiring`` forgets keys no longer removed.
     """
-    taken: set[IPNetwork] = set()
-    for op in ops:
-        if isinstance(op, AddPeer):
-            taken |= op.peer.allowed_ips
-        elif isinstance(op, UpdatePeer):
-            taken |= op.add_allowed_ips
+    taken = given_ips(ops)
     out: list[PeerOp] = []
     removing: set[PublicKey] = set()
     for op in ops:
