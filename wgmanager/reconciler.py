@@ -265,8 +265,12 @@ class NodeReconciler:
                              routes=routes(rot, remote, done)),
                 maps.read_cidrs())
             maps.apply(map_plan)
+        said = self._previous.rejected if self._previous is not None else {}
         self._previous = mesh
         for rej in mesh.rejected.values():
+            old = said.get(rej.name)
+            if old is not None and old.reason == rej.reason:
+                continue  # said already: every pass would repeat it (thousands at scale)
             log.log(logging.INFO if rej.pending else logging.WARNING, "node gets no peer",
                     extra={"node": rej.name, "reason": rej.reason})
         result = ReconcileResult(
