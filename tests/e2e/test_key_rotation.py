@@ -114,7 +114,8 @@ def test_rotate_all_under_traffic_loses_nothing(kc: KubeCluster, max_concurrent:
     new = keys(kc)
     assert all(new[n] != old[n] for n in new), (old, new)
     lost = {name: sent - got for name, (sent, got) in results.items() if sent != got}
-    assert not lost, f"echoes lost: {lost}\n" + out + kc.diagnose()
+    where = {name: pings[name].losses() for name in lost}
+    assert not lost, f"echoes lost: {lost} {where}\n" + out + kc.diagnose()
     assert streamed["ok"], streamed
     assert cap.plaintext_pod_packets() == 0
     assert cap.unexpected_packets() == 0

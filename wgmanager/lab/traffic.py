@@ -87,13 +87,36 @@ class PingRun:
             raise RuntimeError(f"background ping printed no summary: {self.output}")
         return int(m.group(1)), int(m.group(2))
 
+    def losses(self) -> str:
+        """Where the unanswered echoes were, for a failure message: each missing sequence
+        number with the wall-clock time of the reply before it (ping -D), and the last
+        reply's; an echo after the last reply may be one ping stopped waiting for."""
+        self.thread.join()
+        replies: dict[int, float] = {}
+        for m in _REPLY.finditer(self.output.get("out", "")):
+            replies.setdefault(int(m.group(2)), float(m.group(1)))
+        if not replies:
+            return "no replies at all"
+        last = max(replies)
+        sent, _ = self.result()
+        missing = [q for q in range(1, sent + 1) if q not in replies]
+        shown = [f"seq {q} (reply before it at "
+                 f"{replies.get(max((r for r in replies if r < q), default=0), 0):.3f})"
+                 for q in missing[:10]]
+        return (f"{len(missing)} missing: {', '.join(shown)}; last reply seq {last} at "
+                f"{replies[last]:.3f}")
+
+
+_REPLY = re.compile(r"\[(\d+\.\d+)\].*?icmp_seq=(\d+)")
+
 
 def continuous_ping(pod: Pod, dst: str, seconds: float, interval: float = 0.01) -> PingRun:
     output: dict[str, str] = {}
     count = max(1, int(seconds / interval))
 
     def run() -> None:
-        res = subprocess.run(["ip", "netns", "exec", pod.netns, "ping", "-n", "-q", "-i",
+        # -D: every reply with its arrival time, so a loss can be placed (``losses``).
+        res = subprocess.run(["ip", "netns", "exec", pod.netns, "ping", "-n", "-D", "-i",
                               str(interval), "-c", str(count), "-W", "1", dst],
                              capture_output=True, text=True, check=False)
         output["out"] = res.stdout + res.stderr
