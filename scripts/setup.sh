@@ -10,6 +10,7 @@ APT_PACKAGES=(
   python3-venv python3-dev           # venv that sees Debian's bcc module
   linux-headers-amd64                # headers bcc compiles against
   iproute2 tcpdump iperf3 iputils-ping procps kmod
+  linux-perf                         # `make bench BENCH_ARGS=--profile`: where the CPU goes
   nftables iptables                  # benchmarks compare against route/rule based tools
   netcat-openbsd socat ethtool
 )
