@@ -30,6 +30,7 @@ from pathlib import Path
 from pyroute2 import IPRoute
 
 from wgmanager.config import NodeSettings, wireguard_mtu
+from wgmanager.core.handshake import handshakes_to_start
 from wgmanager.core.keys import PrivateKey, PublicKey
 from wgmanager.core.mesh import Mesh, compute_mesh, datapath_map, old_device_peers
 from wgmanager.core.model import (
@@ -106,6 +107,9 @@ class NodeReconciler:
         # Peers whose allowed IPs just moved to a new peer, by interface: removed only once
         # their deadline has passed (see defer_replaced_removals).
         self._retiring: dict[str, dict[PublicKey, float]] = {}
+        # Peers we follow in the first handshake, by interface: when to check that the
+        # leader's handshake arrived (see wgmanager.core.handshake).
+        self._following: dict[str, dict[PublicKey, float]] = {}
         self._clock: Callable[[], float] = time.monotonic
 
     def datapath_exists(self) -> bool:
@@ -164,6 +168,7 @@ class NodeReconciler:
             done.append(f"deleted device {backend.ifname}")
         self._written_endpoints.pop(backend.ifname, None)
         self._retiring.pop(backend.ifname, None)
+        self._following.pop(backend.ifname, None)
         self._keys.pop(slot, None)
         if self.keystore.destroy(slot_key(slot)):
             done.append(f"destroyed key {slot_key(slot)}")
@@ -313,29 +318,27 @@ class NodeReconciler:
         backend.apply(ops)
         self._written_endpoints[backend.ifname] = {
             k: p.endpoint for k, p in desired.items() if p.endpoint is not None}
-        self._initiate_handshakes(backend, new_peers(ops))
+        self._start_handshakes(backend, state.public_key, new_peers(ops))
         return ops
 
-    @staticmethod
-    def _initiate_handshakes(backend: WireGuardBackend, keys: list[PublicKey]) -> None:
-        """Starts a handshake with each new peer now instead of at its first packet.
-
-        Two nodes learn each other's key at slightly different moments (a node joining, a
-        cluster starting, two nodes rotating at once). A handshake sent by the first before
-        the second knew its key is dropped without an answer, and WireGuard retries only
-        after 5 s: pods saw up to 4.7 s of loss right after `lab up`. The second node's
-        handshake, sent as soon as it adds the peer, always finds the key known, so every
-        pair has a session the moment both sides know each other. During a key rotation the
-        handshake is also the peer's confirmation. Turning persistent keepalive on sends a
-        keepalive at once in both wireguard-go and the kernel; it is turned back off after.
-        """
-        if keys:
-            backend.apply([UpdatePeer(k, persistent_keepalive=HANDSHAKE_KICK) for k in keys])
-            backend.apply([UpdatePeer(k, persistent_keepalive=0) for k in keys])
+    def _start_handshakes(self, backend: WireGuardBackend, own: PublicKey | None,
+                          added: list[PublicKey]) -> None:
+        """Starts the first handshake with new peers we lead, and with peers we follow whose
+        leader's handshake did not arrive (``wgmanager.core.handshake``). During a key
+        rotation that handshake is also the peer's confirmation."""
+        pending = self._following.get(backend.ifname, {})
+        if own is None or not (added or pending):
+            return
+        peers = backend.read().peers if pending else {}
+        keys, pending = handshakes_to_start(own, added, pending, peers, self._clock())
+        self._following[backend.ifname] = pending
+        start_handshakes(backend, keys)
 
     def next_deadline(self) -> float | None:
-        """When a reconcile is next needed to remove a replaced peer (monotonic time)."""
-        deadlines = [t for keys in self._retiring.values() for t in keys.values()]
+        """When a reconcile is next needed (monotonic time): to remove a replaced peer, or to
+        check that a new peer's first handshake arrived."""
+        deadlines = [t for table in (self._retiring, self._following)
+                     for keys in table.values() for t in keys.values()]
         return min(deadlines) if deadlines else None
 
     def _ensure_sysctls(self, ifname: str, mesh: Mesh) -> None:
@@ -356,6 +359,18 @@ class NodeReconciler:
 
 
 HANDSHAKE_KICK = 25  # seconds; any non-zero value makes the device send a keepalive now
+
+
+def start_handshakes(backend: WireGuardBackend, keys: list[PublicKey]) -> None:
+    """Makes the device start a handshake with each of ``keys`` that has no session.
+
+    Turning persistent keepalive on sends a keepalive at once in both wireguard-go and the
+    kernel, and a keepalive without a session starts a handshake; it is turned back off right
+    after. Devices send at most one initiation per peer every 5 s, so this is cheap to repeat.
+    """
+    if keys:
+        backend.apply([UpdatePeer(k, persistent_keepalive=HANDSHAKE_KICK) for k in keys])
+        backend.apply([UpdatePeer(k, persistent_keepalive=0) for k in keys])
 
 # How long a peer whose allowed IPs moved to its replacement (a node's new key) stays on the
 # device before it is removed. Removing a peer discards the packets it is still encrypting

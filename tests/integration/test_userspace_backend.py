@@ -32,6 +32,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.harness import RUN_ROOT, cleanup_prefix
+from wgmanager.core.handshake import handshakes_to_start
 from wgmanager.core.keys import PrivateKey, PublicKey
 from wgmanager.core.model import Endpoint, IPNetwork, PeerConfig, PeerState
 from wgmanager.core.plan import (
@@ -44,7 +45,8 @@ from wgmanager.core.plan import (
     plan_peers,
 )
 from wgmanager.errors import BackendUnavailable, DeviceError
-from wgmanager.lab.lab import await_condition
+from wgmanager.lab.lab import LabError, await_condition
+from wgmanager.reconciler import start_handshakes
 from wgmanager.wireguard import uapi
 from wgmanager.wireguard.backend import DeviceSettings
 from wgmanager.wireguard.userspace import UserspaceBackend, process_alive
@@ -643,3 +645,175 @@ def test_delete_device_stops_the_process_and_removes_its_files(lab: Lab) -> None
     dev.delete_device()  # idempotent
     lab.backend(lab.ifname()).delete_device()  # never existed: also fine
     assert not dev.device_exists()
+
+
+# -- the first handshake of a pair that learns of itself at once -------------------------
+
+# A two-socket UDP relay between two devices, run inside the namespace. Each side's peer
+# endpoint is one relay socket, and each side sees the other's packets come from the socket it
+# sends to, so neither roams away. "hold" on stdin keeps packets back; "release D" delivers
+# them in order and holds what follows for D seconds more. Two handshakes started a moment
+# apart are then both in flight at once and each arrives before the answer to the other, as
+# on any network whose one-way delay is longer than the gap between the two sides' starts.
+RELAY = r"""
+import select, socket, sys, time
+a_port, b_port = int(sys.argv[1]), int(sys.argv[2])
+to_b, to_a = (socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2))
+for s in (to_b, to_a):
+    s.bind(("127.0.0.1", 0))
+print(to_b.getsockname()[1], to_a.getsockname()[1], flush=True)
+route = {to_b: (to_a, b_port), to_a: (to_b, a_port)}  # received on -> (send from, to port)
+held, hold_until = [], None  # None: pass through; inf: until "release"
+def flush():
+    for out, port, data in held:
+        out.sendto(data, ("127.0.0.1", port))
+    held.clear()
+while True:
+    timeout = None if hold_until is None else max(0.0, min(hold_until - time.monotonic(), 1))
+    ready, _, _ = select.select([to_b, to_a, sys.stdin], [], [], timeout)
+    if hold_until is not None and time.monotonic() >= hold_until:
+        flush()
+        hold_until = None
+    for r in ready:
+        if r is sys.stdin:
+            line = sys.stdin.readline().strip()
+            if not line:
+                sys.exit(0)
+            if line == "hold":
+                hold_until = float("inf")
+            else:  # release: what is held now, then one more one-way delay for the rest
+                flush()
+                hold_until = time.monotonic() + float(line.split()[1])
+            print(line, flush=True)
+            continue
+        data, _ = r.recvfrom(65535)
+        out, port = route[r]
+        if hold_until is not None:
+            held.append((out, port, data))
+        else:
+            out.sendto(data, ("127.0.0.1", port))
+"""
+
+
+@contextlib.contextmanager
+def udp_relay(lab: Lab, a_port: int, b_port: int) -> Iterator[tuple[subprocess.Popen[str],
+                                                                     int, int]]:
+    """The relay between ``a_port`` and ``b_port``: yields it with the port ``a`` sends to
+    (towards ``b``) and the port ``b`` sends to (towards ``a``)."""
+    proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{lab.netns}", sys.executable, "-c",
+                             RELAY, str(a_port), str(b_port)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        towards_b, towards_a = (int(p) for p in proc.stdout.readline().split())
+        yield proc, towards_b, towards_a
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def relay_say(proc: subprocess.Popen[str], command: str) -> None:
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(command + "\n")
+    proc.stdin.flush()
+    assert proc.stdout.readline().strip() == command
+
+
+def naive_start(own: PublicKey, added: list[PublicKey], pending: Mapping[PublicKey, float],
+                peers: Mapping[PublicKey, PeerState],
+                now: float) -> tuple[list[PublicKey], dict[PublicKey, float]]:
+    """What the agent did before: every side starts a handshake with every peer it adds."""
+    return list(added), {}
+
+
+def first_handshakes(lab: Lab, policy: Callable[..., tuple[list[PublicKey],
+                                                          dict[PublicKey, float]]],
+                     hold: float) -> float:
+    """Two devices add each other at the same moment, each starting handshakes as ``policy``
+    says (its follower checks included), with ``hold`` seconds of delay on the first packets;
+    returns how long until both hold a session (10 s if never)."""
+    a, b = lab.device(), lab.device()
+    keys = {a.ifname: PrivateKey.generate(), b.ifname: PrivateKey.generate()}
+    ports = {a.ifname: lab.port(), b.ifname: lab.port()}
+    for dev in (a, b):
+        dev.configure(DeviceSettings(keys[dev.ifname], ports[dev.ifname]))
+        lab.ip("link", "set", dev.ifname, "up")
+    with udp_relay(lab, ports[a.ifname], ports[b.ifname]) as (relay, towards_b, towards_a):
+        relay_say(relay, "hold")
+        started = time.monotonic()
+        pending: dict[str, dict[PublicKey, float]] = {}
+        for dev, other, port, ip in ((a, b, towards_b, "10.98.2.0/24"),
+                                     (b, a, towards_a, "10.98.1.0/24")):
+            peer = keys[other.ifname].public_key
+            dev.apply([AddPeer(PeerConfig(peer, Endpoint(LOOPBACK, port), nets(ip)))])
+            now_keys, pending[dev.ifname] = policy(keys[dev.ifname].public_key, [peer], {},
+                                                   {}, time.monotonic())
+            start_handshakes(dev, now_keys)
+        time.sleep(hold)
+        relay_say(relay, f"release {hold}")
+
+        def settled() -> bool:
+            for dev in (a, b):  # the follower checks, as the reconciler makes them when due
+                due, pending[dev.ifname] = policy(keys[dev.ifname].public_key, [],
+                                                  pending[dev.ifname], dev.read().peers,
+                                                  time.monotonic())
+                start_handshakes(dev, due)
+            return all(p.last_handshake is not None
+                       for dev in (a, b) for p in dev.read().peers.values())
+
+        with contextlib.suppress(LabError):  # never settled: the caller sees the 10 s
+            wait_for(settled, 10.0, "a session on both sides")
+        return time.monotonic() - started
+
+
+def test_a_pair_adding_each_other_at_once_has_a_session_before_the_5s_retry(lab: Lab) -> None:
+    """Both sides add each other while their first packets are still in flight (a cluster
+    starting: every node reacts to the same watch events). When both started a handshake,
+    the two initiations crossed, each side's answer to the other overwrote its own handshake,
+    and no pair had a session until WireGuard's retry 5 s later (the sanity half below
+    proves it). With one side leading, every pair has a session as soon as its packets
+    arrive, and the follower's check leaves it alone."""
+    naive = first_handshakes(lab, naive_start, hold=0.1)
+    assert naive > 4.0, f"crossing handshakes settled after {naive:.2f}s: the relay no " \
+                        "longer makes them cross, so this test proves nothing"
+    for _ in range(5):
+        took = first_handshakes(lab, handshakes_to_start, hold=0.1)
+        assert took < 2.0, f"no session {took:.2f}s after both sides added each other"
+        lab.stop_all()
+
+
+def test_a_first_handshake_lost_to_a_peer_not_yet_knowing_us_is_started_again(
+        lab: Lab) -> None:
+    """The leader's handshake reaches a follower that does not know it yet and is dropped;
+    the follower's check starts one itself instead of leaving the pair dark until
+    WireGuard's retry."""
+    a, b = lab.device(), lab.device()
+    ka, kb = PrivateKey.generate(), PrivateKey.generate()
+    (leader, lkey), (follower, fkey) = sorted(((a, ka), (b, kb)),
+                                              key=lambda d: d[1].public_key.raw)
+    lport, fport = lab.port(), lab.port()
+    leader.configure(DeviceSettings(lkey, lport))
+    follower.configure(DeviceSettings(fkey, fport))
+    for dev in (a, b):
+        lab.ip("link", "set", dev.ifname, "up")
+    to_follower = PeerConfig(fkey.public_key, Endpoint(LOOPBACK, fport), nets("10.98.2.0/24"))
+    to_leader = PeerConfig(lkey.public_key, Endpoint(LOOPBACK, lport), nets("10.98.1.0/24"))
+    started = time.monotonic()
+    leader.apply([AddPeer(to_follower)])
+    keys, _ = handshakes_to_start(lkey.public_key, [fkey.public_key], {}, {}, started)
+    assert keys == [fkey.public_key]
+    start_handshakes(leader, keys)
+    time.sleep(0.2)  # the initiation arrives and is dropped: the follower has no such peer
+    assert leader.read().peers[fkey.public_key].last_handshake is None
+    follower.apply([AddPeer(to_leader)])
+    keys, pending = handshakes_to_start(fkey.public_key, [lkey.public_key], {}, {},
+                                        time.monotonic())
+    assert keys == []
+    time.sleep(max(0.0, min(pending.values()) - time.monotonic()))
+    keys, pending = handshakes_to_start(fkey.public_key, [], pending,
+                                        follower.read().peers, time.monotonic())
+    assert keys == [lkey.public_key] and pending == {}
+    start_handshakes(follower, keys)
+    wait_for(lambda: all(p.last_handshake is not None for dev in (a, b)
+                         for p in dev.read().peers.values()), 3.0, "a session on both sides")
+    assert time.monotonic() - started < 4.0
