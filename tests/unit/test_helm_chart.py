@@ -39,8 +39,10 @@ KUBE = ROOT / "wgmanager" / "kube"
 NAMESPACE = "wgm"
 RELEASE = "r"
 FULLNAME = "r-wgmanager"
-# Oldest = Chart.yaml's kubeVersion floor; newest = the newest kubernetes-validate ships.
+# The oldest schemas kubernetes-validate ships, a middle one and its newest. The chart's
+# floor (Chart.yaml kubeVersion) is older: 1.20, where the lab installs and runs it.
 KUBERNETES_VERSIONS = ("1.25", "1.31", "1.37")
+KUBE_FLOOR = "1.20"
 DIGEST = "sha256:" + "ab" * 32
 
 Obj = dict[str, Any]
@@ -93,6 +95,10 @@ RENDERS: dict[str, tuple[dict[str, Any], str]] = {
     "service-monitor": ({**ON, "metrics": {"serviceMonitor": {
         "enabled": True, "interval": "15s", "labels": {"release": "prom"}}}}, NAMESPACE),
     "no-events": ({**ON, "agent": {"events": False}}, NAMESPACE),
+    "no-node-identity": ({**ON, "nodeIdentity": {"enabled": False}}, NAMESPACE),
+    "eks-node-identity": ({**ON, "nodeIdentity": {
+        "kubeletKubeconfig": "/var/lib/kubelet/kubeconfig",
+        "hostPaths": ["/var/lib/kubelet/pki", "/etc/kubernetes/pki"]}}, NAMESPACE),
     "existing-service-account": ({**ON, "serviceAccount": {"create": False, "name": "net-sa"},
                                   "rbac": {"create": False}}, NAMESPACE),
     "pod-metadata": ({**ON, "podAnnotations": {"a.example/x": "1"},
@@ -124,6 +130,9 @@ REFUSED: dict[str, tuple[dict[str, Any], str]] = {
     "monitor-without-metrics": ({**ON, "metrics": {"enabled": False,
                                                    "serviceMonitor": {"enabled": True}}},
                                 "needs metrics.enabled=true"),
+    "admission-policy-with-node-identity": (
+        {**ON, "nodeIdentity": {"admissionPolicy": True}},
+        "nodeIdentity.admissionPolicy=true is for nodeIdentity.enabled=false"),
     "teardown-while-on": ({**ON, "teardown": {"enabled": True}},
                           "set encryption.enabled=false with it"),
     "unnamed-service-account": ({**ON, "serviceAccount": {"create": False}},
@@ -290,11 +299,14 @@ def test_every_rendering_is_valid_kubernetes(renders: dict[str, Render],
         assert len(lines) == 1, lines  # that one warning
 
 
-def test_the_chart_refuses_kubernetes_older_than_it_validates_against(helm: Helm) -> None:
-    res = helm.template("old", ON, NAMESPACE, CHART, "--kube-version", "1.24.0")
-    assert res.returncode != 0 and "requires kubeVersion: >=1.25.0-0" in res.stderr
+def test_the_chart_refuses_kubernetes_older_than_it_is_run_on(helm: Helm) -> None:
+    """The floor is the lab's API server (tests/e2e install the chart there)."""
+    res = helm.template("old", ON, NAMESPACE, CHART, "--kube-version", "1.19.0")
+    assert res.returncode != 0 and "requires kubeVersion: >=1.20.0-0" in res.stderr
     floor = yaml.safe_load((CHART / "Chart.yaml").read_text())["kubeVersion"]
-    assert floor == f">={KUBERNETES_VERSIONS[0]}.0-0"
+    assert floor == f">={KUBE_FLOOR}.0-0"
+    assert helm.template("floor", ON, NAMESPACE, CHART, "--kube-version",
+                         f"{KUBE_FLOOR}.2").returncode == 0
 
 
 @pytest.mark.parametrize("name", REFUSED)
@@ -306,6 +318,32 @@ def test_contradictory_values_fail_in_one_clear_line(helm: Helm, name: str) -> N
     if "schema" not in res.stderr:  # our own fail messages: exactly one line after "Error:"
         error = next(line for line in res.stderr.splitlines() if line.startswith("Error:"))
         assert message in error
+
+
+def test_the_optional_admission_policy_confines_the_agents_account(helm: Helm,
+                                                                   tmp_path: Path) -> None:
+    """nodeIdentity off + admissionPolicy on, for clusters >= 1.32: rendered and
+    schema-validated (the lab's 1.20 API server cannot run it)."""
+    values = {**ON, "nodeIdentity": {"enabled": False, "admissionPolicy": True}}
+    res = helm.template("vap", values, NAMESPACE, CHART, "--kube-version", "1.32.0")
+    assert res.returncode == 0, res.stderr
+    objs = {o["kind"]: o for o in yaml.safe_load_all(res.stdout) if o}
+    policy, binding = (objs["ValidatingAdmissionPolicy"],
+                       objs["ValidatingAdmissionPolicyBinding"])
+    assert binding["spec"]["policyName"] == policy["metadata"]["name"]
+    assert binding["spec"]["validationActions"] == ["Deny"]
+    assert policy["spec"]["failurePolicy"] == "Fail"
+    match = policy["spec"]["matchConditions"][0]["expression"]
+    assert f"system:serviceaccount:{NAMESPACE}:{FULLNAME}" in match
+    assert "authentication.kubernetes.io/node-name" in str(policy["spec"]["variables"])
+    old = helm.template("vap-old", values, NAMESPACE, CHART, "--kube-version", "1.31.4")
+    assert old.returncode != 0 and "needs Kubernetes >= 1.32" in old.stderr
+    path = tmp_path / "vap.yaml"
+    path.write_text(yaml.safe_dump_all([policy, binding]))
+    check = subprocess.run([tool("kubernetes-validate"), "--strict", "--quiet", "-k",
+                            KUBERNETES_VERSIONS[-1], str(path)], capture_output=True,
+                           text=True, timeout=300, check=False)
+    assert check.returncode == 0 and check.stdout.strip() == "", check.stdout + check.stderr
 
 
 # -- 2. flag off ----------------------------------------------------------------------------
@@ -333,7 +371,8 @@ def test_every_object_carries_the_standard_labels(renders: dict[str, Render]) ->
 
 def test_on_renders_the_agent_and_its_rbac(on_render: Render) -> None:
     kinds = sorted(o["kind"] for o in on_render.objects)
-    assert kinds == ["ClusterRole", "ClusterRoleBinding", "DaemonSet", "ServiceAccount"]
+    assert kinds == ["ClusterRole", "ClusterRoleBinding", "DaemonSet", "Role", "RoleBinding",
+                     "ServiceAccount"]
     ds = on_render.daemonset
     assert ds["metadata"]["name"] == FULLNAME
     selector = ds["spec"]["selector"]["matchLabels"]
@@ -473,21 +512,56 @@ def rules(role: Obj) -> set[tuple[str, str]]:
 
 def test_the_cluster_role_grants_exactly_what_the_agent_calls(
         renders: dict[str, Render]) -> None:
-    called = set()
+    """With its ServiceAccount the agent reads Nodes and creates Events in its namespace;
+    its one write to a Node (``.writer.``) uses the node's own identity (nodeIdentity)."""
+    called, written = set(), set()
     for path in sorted(KUBE.glob("*.py")):
         called |= set(re.findall(r"\.core\.(\w+)\(", path.read_text()))
-    unknown = called - API_VERBS.keys()
+        written |= set(re.findall(r"\.writer\.(\w+)\(", path.read_text()))
+    unknown = (called | written) - API_VERBS.keys()
     assert not unknown, (f"wgmanager/kube calls {sorted(unknown)}: add them to API_VERBS "
                          "with the verbs they need, and to the chart's ClusterRole if needed")
     needed = set().union(*(API_VERBS[m] for m in called))
-    assert "*" not in str(renders["on"].one("ClusterRole")["rules"])
-    assert rules(renders["on"].one("ClusterRole")) == needed
     assert needed == {("nodes", "get"), ("nodes", "list"), ("nodes", "watch"),
-                      ("nodes", "patch"), ("events", "create")}
+                      ("events", "create")}
+    assert written == {"patch_node"}
+    on = renders["on"]
+    assert "*" not in str(on.one("ClusterRole")["rules"])
+    assert rules(on.one("ClusterRole")) == needed - {("events", "create")}
+    assert rules(on.one("Role")) == {("events", "create")}
+    assert on.one("Role")["metadata"]["namespace"] == NAMESPACE
+    assert on.one("RoleBinding")["subjects"] == on.one("ClusterRoleBinding")["subjects"]
+    # Without the node's identity the account patches Nodes itself (any Node: say so).
+    assert rules(renders["no-node-identity"].one("ClusterRole")) == (
+        needed - {("events", "create")} | API_VERBS["patch_node"])
     # --no-events: no Events, no events rule
     assert "--no-events" in renders["no-events"].container("agent")["args"]
     assert renders["no-events"].agent_args().events is False
-    assert rules(renders["no-events"].one("ClusterRole")) == needed - {("events", "create")}
+    assert renders["no-events"].of_kind("Role") == []
+
+
+@pytest.mark.parametrize("name", ["on", "eks-node-identity", "no-node-identity"])
+def test_the_agent_writes_with_the_kubelets_identity(renders: dict[str, Render],
+                                                     name: str) -> None:
+    r = renders[name]
+    values = RENDERS[name][0].get("nodeIdentity", {})
+    args = r.agent_args()
+    mounts = r.mounts("agent")
+    if values.get("enabled") is False:
+        assert args.node_kubeconfig is None
+        assert not any(m.startswith("/var/lib/kubelet") for m in mounts)
+        return
+    kubeconfig = values.get("kubeletKubeconfig", "/etc/kubernetes/kubelet.conf")
+    assert str(args.node_kubeconfig) == kubeconfig
+    mount = mounts[kubeconfig]
+    assert mount["readOnly"] is True
+    assert r.volume(mount["name"])["hostPath"] == {"path": kubeconfig, "type": "File"}
+    for path in values.get("hostPaths", ["/var/lib/kubelet/pki"]):
+        assert mounts[path]["readOnly"] is True  # the certificates, at the same path
+        assert r.volume(mounts[path]["name"])["hostPath"] == {"path": path,
+                                                              "type": "Directory"}
+    env = {e["name"]: e for e in r.container("agent")["env"]}
+    assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
 
 
 def test_the_binding_names_the_account_the_pods_run_as(renders: dict[str, Render]) -> None:

@@ -44,6 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="this node's Node name (default: $NODE_NAME)")
     g.add_argument("--kubeconfig", type=Path, default=_env_path("KUBECONFIG"),
                    help="kubeconfig file (default: $KUBECONFIG, else in-cluster config)")
+    g.add_argument("--node-kubeconfig", type=Path, default=_env_path("WGM_NODE_KUBECONFIG"),
+                   help="this node's own credentials (its kubelet's kubeconfig, e.g. "
+                        "/etc/kubernetes/kubelet.conf on kubeadm), used for the only writes "
+                        "the agent makes to Nodes: the API server then refuses a node "
+                        "writing another node's keys (default: $WGM_NODE_KUBECONFIG; without "
+                        "it, writes use --kubeconfig's identity, which can write any node)")
+    g.add_argument("--events-namespace", default=os.environ.get("POD_NAMESPACE") or "default",
+                   help="namespace the agent's Events are created in (default: "
+                        "$POD_NAMESPACE, else default)")
     g.add_argument("--cluster-cidrs", default="",
                    help="comma-separated CIDRs covering all pod networks; pod traffic into "
                         "them with no ready peer is dropped (fail closed)")
@@ -308,7 +317,15 @@ def cmd_agent(args: argparse.Namespace) -> int:
             "node's before its key) follows the CNI's route in plaintext; set the cluster's "
             "pod CIDRs")
     api_client = load_api(args.kubeconfig)
-    nodes_api = NodesAPI(api_client)
+    if args.node_kubeconfig is not None:
+        nodes_api = NodesAPI(api_client, writer=load_api(args.node_kubeconfig),
+                             writer_source=str(args.node_kubeconfig))
+    else:
+        logging.getLogger("wgmanager.agent.loop").warning(
+            "no --node-kubeconfig: this node's key is published with the agent's own "
+            "credentials, which can write every node's key; give the agent the node's "
+            "kubelet kubeconfig so that a node can only speak for itself")
+        nodes_api = NodesAPI(api_client)
     metrics = AgentMetrics(per_peer=args.metrics_per_peer) if args.metrics_port else None
     agent = Agent(
         reconciler=NodeReconciler(settings, _backends(settings), mesh_config),
@@ -317,7 +334,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
         health=(HealthSettings(args.health_address, args.health_port)
                 if args.health_port else None),
         metrics=metrics,
-        events=EventRecorder(api_client, args.node_name) if args.events else None,
+        events=(EventRecorder(api_client, args.node_name, namespace=args.events_namespace)
+                if args.events else None),
     )
     if metrics is not None:
         try:

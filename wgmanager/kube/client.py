@@ -99,12 +99,22 @@ class Backoff:
 
 
 class NodesAPI:
-    """The handful of Node calls the agent makes, returning plain JSON dicts."""
+    """The handful of Node calls the agent makes, returning plain JSON dicts.
 
-    def __init__(self, api: k8s.ApiClient, *, request_timeout: float = 30.0) -> None:
+    ``writer`` is the identity our own Node's annotations are written with: the node's own
+    (its kubelet's credentials), which the API server's Node authorizer and NodeRestriction
+    let write that Node and no other. Reads and watches use ``api``, the agent's service
+    account, which then needs no write access to nodes at all. Without a writer, writes use
+    ``api`` too, and whoever holds that credential can write every node's key.
+    """
+
+    def __init__(self, api: k8s.ApiClient, *, request_timeout: float = 30.0,
+                 writer: k8s.ApiClient | None = None, writer_source: str = "") -> None:
         # Typed as Any: with _preload_content=False the client returns raw responses, which
         # its generated annotations do not describe.
         self.core: Any = k8s.CoreV1Api(api)
+        self.writer: Any = k8s.CoreV1Api(writer) if writer is not None else self.core
+        self.writer_source = writer_source
         self.request_timeout = request_timeout
 
     def list_page(self, *, limit: int, cont: str | None) -> dict[str, Any]:
@@ -141,8 +151,17 @@ class NodesAPI:
         try:
             # Raw response: the patched Node is not needed, and deserialising it into the
             # client's models could fail on fields this client version does not know.
-            resp = self.core.patch_node(name, annotations_patch(values), _preload_content=False,
-                                        _request_timeout=self.request_timeout)
+            resp = self.writer.patch_node(name, annotations_patch(values),
+                                          _preload_content=False,
+                                          _request_timeout=self.request_timeout)
             resp.release_conn()
-        except (ApiException, HTTPError, OSError) as e:
+        except ApiException as e:
+            if e.status == 403 and self.writer_source:
+                raise Forbidden(
+                    f"annotating node {name}: 403 with the node credentials from "
+                    f"{self.writer_source}: they must be node {name}'s own (the kubelet's, "
+                    f"user system:node:{name}); point --node-kubeconfig at this node's "
+                    "kubelet kubeconfig") from e
+            raise classify(e, f"annotating node {name}") from e
+        except (HTTPError, OSError) as e:
             raise classify(e, f"annotating node {name}") from e

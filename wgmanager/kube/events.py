@@ -27,10 +27,14 @@ COMPONENT = "wgmanager-agent"
 
 
 class EventRecorder:
-    def __init__(self, api: k8s.ApiClient, node_name: str, *, min_interval: float = 600.0,
-                 queue_size: int = 100, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, api: k8s.ApiClient, node_name: str, *, namespace: str = "default",
+                 min_interval: float = 600.0, queue_size: int = 100,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.core: Any = k8s.CoreV1Api(api)
         self.node_name = node_name
+        # The agent's own namespace in a cluster: its service account may create Events
+        # there and nowhere else (a Node's Events may live in any namespace).
+        self.namespace = namespace
         self.min_interval = min_interval
         self.clock = clock
         self.dropped = 0
@@ -58,7 +62,7 @@ class EventRecorder:
         self._last[key] = now
         stamp = datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
         body = {
-            "metadata": {"generateName": f"{self.node_name}.", "namespace": "default"},
+            "metadata": {"generateName": f"{self.node_name}.", "namespace": self.namespace},
             "involvedObject": {"kind": "Node", "name": self.node_name, "apiVersion": "v1"},
             "type": kind, "reason": reason, "message": message[:1024],
             "source": {"component": COMPONENT, "host": self.node_name},
@@ -80,7 +84,7 @@ class EventRecorder:
                     node = self.core.read_node(self.node_name, _request_timeout=10)
                     self._uid = node.metadata.uid
                 body["involvedObject"]["uid"] = self._uid
-                self.core.create_namespaced_event("default", body, _request_timeout=10)
+                self.core.create_namespaced_event(self.namespace, body, _request_timeout=10)
                 self.sent += 1
             except Exception as e:  # the API may be down; an event is never worth a crash
                 self.dropped += 1

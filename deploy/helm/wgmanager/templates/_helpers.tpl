@@ -158,4 +158,7 @@ The chart's tests parse exactly this list with the agent's own argument parser.
 {{- if not .Values.agent.events }}
 - "--no-events"
 {{- end }}
+{{- if .Values.nodeIdentity.enabled }}
+- {{ printf "--node-kubeconfig=%s" .Values.nodeIdentity.kubeletKubeconfig | quote }}
+{{- end }}
 {{- end }}
