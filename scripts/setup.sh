@@ -13,6 +13,10 @@ APT_PACKAGES=(
   linux-perf                         # `make bench BENCH_ARGS=--profile`: where the CPU goes
   nftables iptables                  # benchmarks compare against route/rule based tools
   netcat-openbsd socat ethtool
+  # A real multi-node lab cluster, with no registry and no Docker engine: one containerd
+  # per node (runc, CNI plugins in /usr/lib/cni), images built by buildah from an
+  # mmdebstrap base, busybox for the lab's tiny pods.
+  containerd runc containernetworking-plugins buildah mmdebstrap busybox-static
 )
 
 log() { printf 'setup: %s\n' "$*"; }
@@ -26,6 +30,11 @@ if ((${#missing[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # The lab runs its own containerd per node; the package's service is not ours.
+  if [[ " ${missing[*]} " == *" containerd "* ]]; then
+    systemctl disable containerd.service >/dev/null 2>&1 || true
+    systemctl stop containerd.service >/dev/null 2>&1 || true
+  fi
 else
   log "Debian packages present"
 fi
@@ -67,7 +76,12 @@ if [[ ! -e "$stamp" ]]; then
 else
   log ".venv up to date"
 fi
-# A real kube-apiserver for the agent's end-to-end tests and the lab: built once from
-# Debian's source package (no registry ships the binary), cached by version outside the repo.
-bash scripts/build-kube-apiserver.sh
+# Real Kubernetes binaries for the end-to-end tests and the lab (kube-apiserver, kubelet,
+# kube-controller-manager, kube-scheduler, kubectl, pause): built once from Debian's
+# source package (no registry ships them), cached by version outside the repo.
+bash scripts/build-kubernetes.sh
+# The lab's images (pause, debian:bookworm-slim, the agent from deploy/Dockerfile) as OCI
+# archives in /var/cache/wgmanager/images, keyed by input digest; prints the agent's tag.
+agent_image=$(bash scripts/build-images.sh)
+log "agent image: $agent_image"
 log "done"
