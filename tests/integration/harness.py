@@ -20,7 +20,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from wgmanager.lab import topology, traffic
+from wgmanager.lab import kubelets, topology, traffic
 from wgmanager.lab.capture import Capture, capture
 from wgmanager.lab.topology import Pod, SimNode, Topology
 
@@ -181,11 +181,13 @@ def applied_cluster(prefix: str, *, wireguard_go: dict[int, Path] | None = None,
 
 
 def cleanup_prefix(prefix: str) -> None:
-    """Removes what a cluster with this prefix made: processes, namespaces, pins, files."""
+    """Removes what a cluster with this prefix made: processes, namespaces, pins, files;
+    for a cluster of real kubelets also its pods, cgroups and control plane."""
     run_dir = RUN_ROOT / prefix
     for pidfile in run_dir.glob("*/wg/*.pid"):
         with contextlib.suppress(ValueError, ProcessLookupError, FileNotFoundError):
             os.kill(int(pidfile.read_text().strip()), signal.SIGKILL)
+    kubelets.cleanup(run_dir, prefix)
     topology.destroy(prefix)
     shutil.rmtree(PIN_ROOT / prefix, ignore_errors=True)
     shutil.rmtree(LAB_PIN_ROOT / prefix, ignore_errors=True)  # a lab-CLI test's pins

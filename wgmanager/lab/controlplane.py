@@ -1,4 +1,5 @@
-"""A real Kubernetes control plane (etcd + kube-apiserver) on this machine, for the lab and tests.
+"""A real Kubernetes control plane (etcd + kube-apiserver, optionally the controller-manager
+and scheduler) on this machine, for the lab and tests.
 
 Role: wgmanager learns its peers from Node objects (addresses, podCIDRs, a public-key
 annotation). The lab and the end-to-end tests need an API server to publish and watch them.
@@ -8,57 +9,77 @@ not ours: token authentication, RBAC denials, the status subresource, merge patc
 resumed from a resourceVersion, 409 on stale writes, and clients surviving an API server
 restart. A fake would encode our assumptions about all of that; the real binaries check them.
 
-    ControlPlane(work_dir)
+    ControlPlane(work_dir, controllers=False)
       start()            CA + serving cert + service-account keys + token file, then
-                         etcd (127.0.0.1, plain HTTP) and kube-apiserver (TLS, RBAC)
+                         etcd (127.0.0.1, plain HTTP) and kube-apiserver (TLS, Node+RBAC
+                         authorization, NodeRestriction, x509 client certs and tokens);
+                         with ``controllers``, kube-controller-manager (node IPAM gives
+                         Nodes their podCIDRs, service-account tokens) and kube-scheduler,
+                         each with its own client certificate, as kubeadm sets them up
+      write_client_kubeconfig(path, user, groups)
+                         a kubeconfig with a client certificate from the cluster CA
       stop_apiserver() / start_apiserver()
                          restart only the API server: same certs, tokens and etcd data
-      stop()             both, SIGTERM then SIGKILL; idempotent
+      stop()             all of them, SIGTERM then SIGKILL; idempotent
 
 Everything lives in ``work_dir``: keys, logs, etcd data, kubeconfigs, ``owner.pid`` (the
 process that started it) and one ``<program>.pid`` per running process, so
 ``cleanup_stale`` can stop what a crashed run left behind. The processes run with the work
 dir as their cwd, which identifies them even after someone deleted the directory.
 
-kube-apiserver is not packaged anywhere: ``make setup`` builds it once from Debian's source
-package into /var/cache/wgmanager (scripts/build-kube-apiserver.sh).
+kube-apiserver is not packaged anywhere: ``make setup`` builds it (and the other Kubernetes
+binaries) once from Debian's source package into /var/cache/wgmanager
+(scripts/build-kubernetes.sh).
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime
 import http.client
 import ipaddress
 import json
 import os
 import secrets
 import shutil
-import signal
 import socket
 import ssl
-import subprocess
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from kubernetes import client
 
 from wgmanager.errors import EnvironmentProblem, WgmError
+from wgmanager.lab.daemons import Daemons, kill, processes_under
+from wgmanager.lab.pki import (
+    CertificateAuthority,
+    private_pem,
+    write_kubeconfig,
+    write_pair,
+    write_private,
+)
 
 DEFAULT_APISERVER = Path("/var/cache/wgmanager/kube-apiserver-1.20.2/kube-apiserver")
+DEFAULT_KUBE_DIR = Path("/var/cache/wgmanager/kubernetes-1.20.2")
 DEFAULT_ETCD = Path("/usr/bin/etcd")
 ADMIN_USER = "wgmanager-admin"
 ADMIN_GROUPS = ("system:masters",)
 SERVICE_CIDR = "10.96.0.0/16"
+SERVICE_IP = "10.96.0.1"  # the `kubernetes` Service: what pods are told the API is at
+# Node IPAM: one /24 and one /64 per node (1.20 allows at most 16 bits between the two masks).
+CLUSTER_CIDRS = ("10.244.0.0/16", "fd00:244::/48")
+NODE_CIDR_MASKS = (24, 64)
 ETCD = "etcd"
 APISERVER = "kube-apiserver"
+CONTROLLER_MANAGER = "kube-controller-manager"
+SCHEDULER = "kube-scheduler"
+PROGRAMS = (SCHEDULER, CONTROLLER_MANAGER, APISERVER, ETCD)  # stop order
+# Controllers that need a cloud provider (there is none): off, as with kubeadm on bare metal.
+CLOUD_CONTROLLERS = ("cloud-node-lifecycle", "route", "service")
 MARKER = "controlplane.json"  # says "this work dir is a control plane's" to cleanup_stale
 
 
@@ -76,6 +97,12 @@ class Token:
 def apiserver_binary() -> Path:
     """The kube-apiserver to run: $WGM_KUBE_APISERVER, else the one `make setup` builds."""
     return Path(os.environ.get("WGM_KUBE_APISERVER", str(DEFAULT_APISERVER)))
+
+
+def kube_binary(program: str) -> Path:
+    """Another Kubernetes binary (kubelet, controller-manager, ...): $WGM_KUBE_DIR/program,
+    else the directory `make setup` builds them into."""
+    return Path(os.environ.get("WGM_KUBE_DIR", str(DEFAULT_KUBE_DIR))) / program
 
 
 def require_binary(path: Path, program: str = APISERVER) -> Path:
@@ -97,8 +124,15 @@ class ControlPlane:
     def __init__(self, work_dir: Path, *, bind_address: str = "127.0.0.1",
                  secure_port: int = 6443, etcd_client_port: int | None = None,
                  etcd_peer_port: int | None = None, apiserver: Path | None = None,
-                 etcd: Path = DEFAULT_ETCD, ready_timeout: float = 60.0) -> None:
+                 etcd: Path = DEFAULT_ETCD, ready_timeout: float = 60.0,
+                 controllers: bool = False, cluster_cidrs: Sequence[str] = CLUSTER_CIDRS,
+                 ) -> None:
+        """``controllers`` adds kube-controller-manager and kube-scheduler: what real
+        kubelets need (podCIDRs for their Nodes, service-account tokens for their pods,
+        pods placed on nodes). Tests that only talk to the API leave them out (faster)."""
         self.work_dir = work_dir
+        self.controllers = controllers
+        self.cluster_cidrs = tuple(str(ipaddress.ip_network(c)) for c in cluster_cidrs)
         self.bind_address = str(ipaddress.ip_address(bind_address))
         self.secure_port = secure_port
         self.etcd_client_port = etcd_client_port or free_port()
@@ -107,7 +141,7 @@ class ControlPlane:
         self.etcd_bin = etcd
         self.ready_timeout = ready_timeout
         self._tokens: list[Token] = []
-        self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._daemons = Daemons(work_dir, error=ControlPlaneError, ready_timeout=ready_timeout)
         self.admin_token = self.add_token(ADMIN_USER, ADMIN_GROUPS)
 
     # -- configuration ------------------------------------------------------------------
@@ -128,8 +162,16 @@ class ControlPlane:
         return self.work_dir / "ca.crt"
 
     @property
+    def ca_key(self) -> Path:
+        return self.work_dir / "ca.key"
+
+    @property
     def admin_kubeconfig(self) -> Path:
         return self.work_dir / "admin.kubeconfig"
+
+    def ca(self) -> CertificateAuthority:
+        """The cluster CA (written by start()): what signs kubelets' certificates too."""
+        return CertificateAuthority.load(self.ca_cert, self.ca_key)
 
     def add_token(self, user: str, groups: Sequence[str] = ()) -> str:
         """A bearer token for ``user`` in ``groups``. kube-apiserver reads the token file only
@@ -150,7 +192,7 @@ class ControlPlane:
 
     def start(self) -> None:
         """Generates credentials, starts etcd and kube-apiserver, waits until /readyz is ok."""
-        if self._procs:
+        if self._daemons:
             raise ControlPlaneError(f"control plane in {self.work_dir} already started; "
                                     "stop() first, or start_apiserver() after stop_apiserver()")
         require_binary(self.apiserver_bin)
@@ -164,6 +206,8 @@ class ControlPlane:
             self._write_credentials()
             self._start_etcd()
             self.start_apiserver()
+            if self.controllers:
+                self._start_controllers()
         except BaseException:
             self.stop()
             raise
@@ -172,7 +216,7 @@ class ControlPlane:
         """Starts kube-apiserver (again) against the running etcd; returns once it is ready."""
         if self.apiserver_running():
             return
-        if not self._running(ETCD):
+        if not self._daemons.running(ETCD):
             raise ControlPlaneError("etcd is not running: call start() first")
         self._write_token_file()
         d = self.work_dir
@@ -186,7 +230,26 @@ class ControlPlane:
             f"--tls-cert-file={d / 'apiserver.crt'}",
             f"--tls-private-key-file={d / 'apiserver.key'}",
             f"--token-auth-file={d / 'tokens.csv'}",
-            "--authorization-mode=RBAC",
+            f"--client-ca-file={self.ca_cert}",
+            # As kubeadm: a kubelet (CN=system:node:NAME, O=system:nodes) may read what its
+            # pods need and write only its own Node and Lease; users get what RBAC grants.
+            "--authorization-mode=Node,RBAC",
+            "--enable-admission-plugins=NodeRestriction",
+            # The API server's identity towards kubelets (logs, exec), checking theirs.
+            f"--kubelet-client-certificate={d / 'apiserver-kubelet-client.crt'}",
+            f"--kubelet-client-key={d / 'apiserver-kubelet-client.key'}",
+            f"--kubelet-certificate-authority={self.ca_cert}",
+            "--kubelet-preferred-address-types=InternalIP",
+            # As kubeadm: a front-proxy CA of its own (trusting the cluster CA here would
+            # let any kubelet assert any user in a header). Components that delegate
+            # authentication read it; without it they complain every few seconds.
+            f"--requestheader-client-ca-file={d / 'front-proxy-ca.crt'}",
+            "--requestheader-allowed-names=front-proxy-client",
+            "--requestheader-username-headers=X-Remote-User",
+            "--requestheader-group-headers=X-Remote-Group",
+            "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+            f"--proxy-client-cert-file={d / 'front-proxy-client.crt'}",
+            f"--proxy-client-key-file={d / 'front-proxy-client.key'}",
             "--service-account-issuer=https://kubernetes.default.svc",
             f"--service-account-key-file={d / 'sa.pub'}",
             f"--service-account-signing-key-file={d / 'sa.key'}",
@@ -205,12 +268,13 @@ class ControlPlane:
         self._terminate(APISERVER)
 
     def stop(self) -> None:
-        """Stops kube-apiserver, then etcd. Idempotent; the work dir is left for the caller."""
-        self._terminate(APISERVER)
-        self._terminate(ETCD)
+        """Stops the scheduler and controller-manager (if any), kube-apiserver, then etcd.
+        Idempotent; the work dir is left for the caller."""
+        for program in PROGRAMS:
+            self._terminate(program)
 
     def apiserver_running(self) -> bool:
-        return self._running(APISERVER)
+        return self._daemons.running(APISERVER)
 
     def ready(self) -> bool:
         """Whether the API server answers /readyz with 200 right now."""
@@ -220,8 +284,7 @@ class ControlPlane:
             return False
 
     def pid(self, program: str) -> int | None:
-        proc = self._procs.get(program)
-        return proc.pid if proc is not None and proc.poll() is None else None
+        return self._daemons.pid(program)
 
     def __enter__(self) -> ControlPlane:
         self.start()
@@ -241,18 +304,17 @@ class ControlPlane:
         agent (the crash tests kill many) would leave one behind in /tmp.
         """
         user = next((t.user for t in self._tokens if t.token == token), "user")
-        config = {
-            "apiVersion": "v1", "kind": "Config",
-            "clusters": [{"name": "wgmanager-lab",
-                          "cluster": {"server": self.url,
-                                      "certificate-authority": str(self.ca_cert.resolve())}}],
-            "users": [{"name": user, "user": {"token": token}}],
-            "contexts": [{"name": "wgmanager-lab",
-                          "context": {"cluster": "wgmanager-lab", "user": user}}],
-            "current-context": "wgmanager-lab",
-        }
-        _write_private(path, json.dumps(config, indent=2) + "\n")  # JSON is valid YAML
-        return path
+        return write_kubeconfig(path, server=self.url, ca=self.ca_cert, user=user, token=token)
+
+    def write_client_kubeconfig(self, path: Path, user: str, groups: Sequence[str] = (),
+                                ) -> Path:
+        """A kubeconfig with a fresh client certificate for ``user`` in ``groups``, signed by
+        the cluster CA (written next to it as ``<stem>.crt``/``<stem>.key``). Unlike tokens,
+        certificates need no API server restart: any time after start() works."""
+        cert, key = self.ca().issue(user, groups)
+        crt_path, key_path = write_pair(path.parent, path.stem, cert, key)
+        return write_kubeconfig(path, server=self.url, ca=self.ca_cert, user=user,
+                                cert=crt_path, key=key_path)
 
     def api_client(self, token: str | None = None) -> client.ApiClient:
         """A client of its own (no global kubernetes config is touched); admin by default."""
@@ -266,27 +328,79 @@ class ControlPlane:
 
     def _write_credentials(self) -> None:
         d = self.work_dir
-        ca_key = ec.generate_private_key(ec.SECP256R1())
-        ca = _certificate("wgmanager-lab-ca", ca_key.public_key(), ca_key, None, is_ca=True)
-        ips = dict.fromkeys([self.bind_address, "127.0.0.1"])
+        ca = CertificateAuthority.create()
+        ca.save(self.ca_cert, self.ca_key)
+        # Pods reach the API at the `kubernetes` Service address (the lab DNATs it to us).
+        ips = dict.fromkeys([self.bind_address, "127.0.0.1", SERVICE_IP])
         sans: list[x509.GeneralName] = [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
-        sans += [x509.DNSName(n) for n in ("localhost", "kubernetes", "kubernetes.default")]
-        serving_key = ec.generate_private_key(ec.SECP256R1())
-        serving = _certificate(APISERVER, serving_key.public_key(), ca_key, ca, sans=sans)
+        sans += [x509.DNSName(n) for n in ("localhost", "kubernetes", "kubernetes.default",
+                                           "kubernetes.default.svc",
+                                           "kubernetes.default.svc.cluster.local")]
+        serving, serving_key = ca.issue(APISERVER, client=False, sans=sans)
+        write_pair(d, "apiserver", serving, serving_key)
+        write_pair(d, "apiserver-kubelet-client",
+                   *ca.issue("kube-apiserver-kubelet-client", ["system:masters"]))
+        front_proxy = CertificateAuthority.create("wgmanager-lab-front-proxy-ca")
+        front_proxy.save(d / "front-proxy-ca.crt", d / "front-proxy-ca.key")
+        write_pair(d, "front-proxy-client", *front_proxy.issue("front-proxy-client"))
         sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-        pem = serialization.Encoding.PEM
-        self.ca_cert.write_bytes(ca.public_bytes(pem))
-        (d / "apiserver.crt").write_bytes(serving.public_bytes(pem))
-        _write_private(d / "apiserver.key", _private_pem(serving_key))
-        _write_private(d / "sa.key", _private_pem(sa_key))
+        write_private(d / "sa.key", private_pem(sa_key))
         (d / "sa.pub").write_bytes(sa_key.public_key().public_bytes(
-            pem, serialization.PublicFormat.SubjectPublicKeyInfo))
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
         self.write_kubeconfig(self.admin_kubeconfig, self.admin_token)
 
     def _write_token_file(self) -> None:
         lines = [f'{t.token},{t.user},{t.user},"{",".join(t.groups)}"' for t in self._tokens]
-        _write_private(self.work_dir / "tokens.csv", "\n".join(lines) + "\n")
+        write_private(self.work_dir / "tokens.csv", "\n".join(lines) + "\n")
+
+    def _start_controllers(self) -> None:
+        """kube-controller-manager, then kube-scheduler, each under its own certificate
+        identity (the RBAC bootstrap policy has roles for exactly these names)."""
+        d = self.work_dir
+        for program in (CONTROLLER_MANAGER, SCHEDULER):
+            require_binary(kube_binary(program), program)
+        cm_config = self.write_client_kubeconfig(d / "controller-manager.kubeconfig",
+                                                 "system:kube-controller-manager")
+        sched_config = self.write_client_kubeconfig(d / "scheduler.kubeconfig",
+                                                    "system:kube-scheduler")
+        masks = dict(zip((4, 6), NODE_CIDR_MASKS, strict=True))
+        families = [ipaddress.ip_network(c).version for c in self.cluster_cidrs]
+        mask_flags = [f"--node-cidr-mask-size-ipv{v}={masks[v]}" for v in families]
+        if len(families) == 1:
+            mask_flags = [f"--node-cidr-mask-size={masks[families[0]]}"]
+        self._start_secure(CONTROLLER_MANAGER, cm_config, [
+            "--allocate-node-cidrs=true",
+            f"--cluster-cidr={','.join(self.cluster_cidrs)}",
+            *mask_flags,
+            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            "--feature-gates=IPv6DualStack=true",
+            f"--service-account-private-key-file={d / 'sa.key'}",
+            f"--root-ca-file={self.ca_cert}",
+            "--use-service-account-credentials=true",
+            f"--cluster-signing-cert-file={self.ca_cert}",
+            f"--cluster-signing-key-file={self.ca_key}",
+            f"--controllers=*,{','.join('-' + c for c in CLOUD_CONTROLLERS)}",
+            "--configure-cloud-routes=false",
+            # Its default, /usr/libexec/kubernetes/..., is created if missing: keep it ours.
+            f"--flex-volume-plugin-dir={d / 'flexvolume'}",
+        ])
+        self._start_secure(SCHEDULER, sched_config, [])
+
+    def _start_secure(self, program: str, kubeconfig: Path, flags: list[str]) -> None:
+        """A controller with its health on a free HTTPS port of 127.0.0.1 (labs run side
+        by side, so never the fixed default port) and no insecure port; waits for /healthz."""
+        port = free_port()
+        self._spawn(program, [
+            str(kube_binary(program)),
+            f"--kubeconfig={kubeconfig}",
+            f"--authentication-kubeconfig={kubeconfig}",
+            f"--authorization-kubeconfig={kubeconfig}",
+            "--bind-address=127.0.0.1", f"--secure-port={port}", "--port=0",
+            f"--cert-dir={self.work_dir / (program + '-certs')}",
+            "--leader-elect=false", "--profiling=false",
+            *flags,
+        ])
+        self._wait(program, lambda: _https_ok(port, "/healthz"))
 
     def _start_etcd(self) -> None:
         peer = f"http://127.0.0.1:{self.etcd_peer_port}"
@@ -305,40 +419,13 @@ class ControlPlane:
 
     def _spawn(self, program: str, argv: list[str],
                env: dict[str, str] | None = None) -> None:
-        with open(self.work_dir / f"{program}.log", "ab") as log:
-            proc = subprocess.Popen(argv, cwd=self.work_dir, env=env, stdin=subprocess.DEVNULL,
-                                    stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
-        self._procs[program] = proc
-        (self.work_dir / f"{program}.pid").write_text(f"{proc.pid}\n")
-
-    def _running(self, program: str) -> bool:
-        proc = self._procs.get(program)
-        return proc is not None and proc.poll() is None
+        self._daemons.spawn(program, argv, env=env)
 
     def _wait(self, program: str, probe: Callable[[], bool]) -> None:
-        """Polls ``probe`` until it says yes; fails fast if the process exits. On failure the
-        process is stopped and the error carries the end of its log."""
-        deadline = time.monotonic() + self.ready_timeout
-        last = "no answer yet"
-        while True:
-            proc = self._procs[program]
-            if proc.poll() is not None:
-                self._terminate(program)
-                raise ControlPlaneError(f"{program} exited with status {proc.returncode}; "
-                                        f"{self._log_tail(program)}")
-            try:
-                if probe():
-                    return
-                last = "not ready"
-            except (OSError, http.client.HTTPException, ValueError) as exc:
-                last = f"{type(exc).__name__}: {exc}"
-            if time.monotonic() > deadline:
-                tail = self._log_tail(program)
-                self._terminate(program)
-                raise ControlPlaneError(f"{program} not ready after {self.ready_timeout:.0f} s "
-                                        f"({last}); {tail}")
-            time.sleep(0.1)
+        self._daemons.wait(program, probe)
+
+    def _terminate(self, program: str) -> None:
+        self._daemons.terminate(program)
 
     def _etcd_healthy(self) -> bool:
         conn = http.client.HTTPConnection("127.0.0.1", self.etcd_client_port, timeout=2)
@@ -361,28 +448,6 @@ class ControlPlane:
         finally:
             conn.close()
 
-    def _log_tail(self, program: str, lines: int = 15) -> str:
-        log = self.work_dir / f"{program}.log"
-        try:
-            tail = log.read_text(errors="replace").splitlines()[-lines:]
-        except FileNotFoundError:
-            return f"no log at {log}"
-        if not tail:
-            return f"{log} is empty"
-        return f"last lines of {log}:\n" + "\n".join(tail)
-
-    def _terminate(self, program: str, grace: float = 10.0) -> None:
-        proc = self._procs.pop(program, None)
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        (self.work_dir / f"{program}.pid").unlink(missing_ok=True)
-
-
 
 # -- crash cleanup ----------------------------------------------------------------------
 
@@ -392,7 +457,7 @@ def cleanup_stale(root: Path) -> list[str]:
 
     Mirrors the integration harness's ``remove_stale_runs``, which removes dead runs' dirs
     but knows nothing of these processes. So, besides the pid files of work dirs that still
-    exist, processes are also found by their cwd: an etcd or kube-apiserver whose cwd is
+    exist, processes are also found by their cwd: a control-plane process whose cwd is
     (or was) under ``root`` and whose owner is gone is stale. Returns the removed dir names.
     """
     removed = []
@@ -400,17 +465,33 @@ def cleanup_stale(root: Path) -> list[str]:
         for work_dir in sorted(root.iterdir()):
             if not (work_dir / MARKER).is_file() or _owner_alive(work_dir):
                 continue
-            for program in (APISERVER, ETCD):
+            for program in PROGRAMS:
                 with contextlib.suppress(OSError, ValueError):
                     pid = int((work_dir / f"{program}.pid").read_text().strip())
                     if pid in dict(_processes_under(work_dir)):
-                        _kill(pid)
+                        kill(pid)
             shutil.rmtree(work_dir, ignore_errors=True)
             removed.append(work_dir.name)
     for pid, cwd in _processes_under(root):
         if not _owner_alive(cwd):
-            _kill(pid)
+            kill(pid)
     return removed
+
+
+def _https_ok(port: int, path: str) -> bool:
+    """Whether a component's self-signed health endpoint on 127.0.0.1 answers 200 (what it
+    says matters here, not who says it: the port is ours, from free_port)."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=2)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status == 200
+    finally:
+        conn.close()
 
 
 def _owner_alive(work_dir: Path) -> bool:
@@ -422,92 +503,15 @@ def _owner_alive(work_dir: Path) -> bool:
 
 
 def _processes_under(root: Path) -> Iterator[tuple[int, Path]]:
-    """(pid, cwd) of every etcd and kube-apiserver whose cwd is (or was) under ``root``."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if (entry / "comm").read_text().strip() not in (ETCD, APISERVER):
-                continue
-            cwd = Path(os.readlink(entry / "cwd").removesuffix(" (deleted)"))
-        except OSError:  # exited meanwhile, or a kernel thread
-            continue
-        if cwd.is_relative_to(root):
-            yield int(entry.name), cwd
-
-
-def _kill(pid: int, timeout: float = 10.0) -> None:
-    """SIGKILL, then waits until the process is gone (or a zombie its parent must reap)."""
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            return
-        if state == "Z":
-            return
-        time.sleep(0.05)
-
-
-# -- certificates -----------------------------------------------------------------------
-
-
-def _certificate(cn: str, public_key: ec.EllipticCurvePublicKey,
-                 issuer_key: ec.EllipticCurvePrivateKey, issuer: x509.Certificate | None, *,
-                 is_ca: bool = False, sans: list[x509.GeneralName] | None = None,
-                 ) -> x509.Certificate:
-    """A CA (issuer None: self-signed) or a TLS server certificate signed by ``issuer``."""
-    now = datetime.datetime.now(datetime.UTC)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-    builder = (x509.CertificateBuilder()
-               .subject_name(name)
-               .issuer_name(issuer.subject if issuer else name)
-               .public_key(public_key)
-               .serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(hours=1))
-               .not_valid_after(now + datetime.timedelta(days=365))
-               .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
-               .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key),
-                              critical=False))
-    if is_ca:
-        builder = builder.add_extension(x509.KeyUsage(
-            digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-            key_encipherment=False, data_encipherment=False, key_agreement=False,
-            encipher_only=False, decipher_only=False), critical=True)
-    else:
-        builder = (builder
-                   .add_extension(x509.KeyUsage(
-                       digital_signature=True, key_cert_sign=False, crl_sign=False,
-                       content_commitment=False, key_encipherment=False,
-                       data_encipherment=False, key_agreement=False, encipher_only=False,
-                       decipher_only=False), critical=True)
-                   .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
-                                  critical=False)
-                   .add_extension(x509.SubjectAlternativeName(sans or []), critical=False)
-                   .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
-                       issuer_key.public_key()), critical=False))
-    return builder.sign(issuer_key, hashes.SHA256())
-
-
-def _private_pem(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
-
-
-def _write_private(path: Path, data: str | bytes) -> None:
-    """Writes a file only root can read (keys, tokens, kubeconfigs with tokens)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
+    """(pid, cwd) of every control-plane process whose cwd is (or was) under ``root``."""
+    return processes_under(root, PROGRAMS)
 
 
 def stop_processes_under(work_dir: Path) -> int:
-    """Stops every etcd/kube-apiserver running in ``work_dir`` (found by cwd, so a reused
+    """Stops every control-plane process running in ``work_dir`` (found by cwd, so a reused
     pid is never hit). For a process that did not start them, e.g. `wgmanager lab down`."""
     count = 0
     for pid, _cwd in list(_processes_under(work_dir)):
-        _kill(pid)
+        kill(pid)
         count += 1
     return count

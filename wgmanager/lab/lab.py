@@ -45,8 +45,9 @@ DEFAULT_PIN_ROOT = Path("/sys/fs/bpf/wgmanager-lab")
 DEFAULT_PREFIX = "wgl"
 CLUSTER_CIDRS = ("10.244.0.0/16", "fd00:244::/32")
 AGENT_USER = "wgmanager-agent"
-AGENT_RULES = [{"apiGroups": [""], "resources": ["nodes"],
-                "verbs": ["get", "list", "watch", "patch"]},
+# The agents' shared identity reads Nodes and records Events; each agent writes its own
+# Node's annotations with that node's identity (node_kubeconfig), as the Helm chart does.
+AGENT_RULES = [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]},
                {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]}]
 LISTEN_PORT = 51820
 HEALTH_PORT = 9876
@@ -122,6 +123,11 @@ class Lab:
     def user_kubeconfig(self, user: str) -> Path:
         return self.root / f"{user}.kubeconfig"
 
+    def node_kubeconfig(self, node: SimNode) -> Path:
+        """The node's own identity (a kubelet's: system:node:NAME in system:nodes), which the
+        API server's Node authorizer and NodeRestriction confine to that node's Node."""
+        return self.node_dir(node) / "node.kubeconfig"
+
     def node_dir(self, node: SimNode) -> Path:
         return self.root / node.name
 
@@ -191,6 +197,10 @@ class Lab:
         extra = {user: self.cp.add_token(user) for user in self.extra_users}
         self.cp.start()
         self.cp.write_kubeconfig(self.agent_kubeconfig, token)
+        for node in self.nodes:  # all, also those that join later (tests)
+            self.node_dir(node).mkdir(parents=True, exist_ok=True)
+            self.cp.write_client_kubeconfig(self.node_kubeconfig(node),
+                                            f"system:node:{node.name}", ["system:nodes"])
         for user, user_token in extra.items():
             self.cp.write_kubeconfig(self.user_kubeconfig(user), user_token)
         rbac: Any = k8s.RbacAuthorizationV1Api(self.api)
@@ -241,11 +251,15 @@ class Lab:
 
     def start_agent(self, node: SimNode, *, kubeconfig: Path | None = None,
                     extra_args: Sequence[str] = (),
-                    program: Sequence[str] = ("-m", "wgmanager")) -> int:
+                    program: Sequence[str] = ("-m", "wgmanager"),
+                    node_identity: bool = True) -> int:
         """Starts the node's agent; ``program`` is what Python runs (tests use a wrapper
-        that injects faults, run from the repository root)."""
+        that injects faults, run from the repository root). Without ``node_identity`` the
+        agent writes with its shared identity (which the lab's RBAC does not allow)."""
         self.node_dir(node).mkdir(parents=True, exist_ok=True)
         config = kubeconfig or self.agent_kubeconfig
+        if node_identity:
+            extra_args = ("--node-kubeconfig", str(self.node_kubeconfig(node)), *extra_args)
         argv = ["nsenter", f"--net=/run/netns/{node.netns}", sys.executable, *program,
                 *self.agent_global_args, "agent", "--node-name", node.name,
                 "--kubeconfig", str(config), "--cluster-cidrs", ",".join(CLUSTER_CIDRS),
@@ -552,11 +566,8 @@ def await_condition(cond: Callable[[], Any], timeout: float, what: str,
 
 def free_underlay() -> str:
     """A 10.9x.0 /24 that no route on this machine covers, for the host link."""
-    routes = subprocess.run(["ip", "-4", "route", "show", "table", "all"], capture_output=True,
-                            text=True, check=False).stdout
-    for second in range(90, 99):
-        if f"10.{second}.0." not in routes:
-            return f"10.{second}.0"
-    raise LabError("no free 10.90-98.0.0/24 for the lab underlay; remove stale labs "
-                   "(wgmanager lab down)")
-
+    underlay = topology.free_underlay()
+    if underlay is None:
+        raise LabError("no free 10.90-98.0.0/24 for the lab underlay; remove stale labs "
+                       "(wgmanager lab down)")
+    return underlay

@@ -95,13 +95,15 @@ def sysctl(netns: str, assignments: dict[str, str]) -> None:
 
 def create(prefix: str, *, nodes: int = 3, pods_per_node: int = 2,
            pod_mtu: int = UNDERLAY_MTU - 60, underlay: str = "10.99.0",
-           host_link: bool = False) -> Topology:
+           host_link: bool = False, pod_routes: bool = True) -> Topology:
     """Builds the namespaces; on any failure removes what it made and re-raises.
 
     ``underlay`` is the first three octets of the nodes' /24. With ``host_link`` this
     machine joins the underlay as ``{underlay}.254`` through a veth named ``{prefix}h``,
     so services it runs (the lab's API server) are reachable from the nodes and the nodes
-    from it; pick an ``underlay`` no other route on this machine covers.
+    from it; pick an ``underlay`` no other route on this machine covers. Without
+    ``pod_routes`` the nodes get no routes to each other's pod CIDRs: for real kubelets,
+    whose CIDRs the controller-manager hands out (``kubelets.sync_routes`` routes those).
     """
     ul = f"{prefix}-ul"
     try:
@@ -119,7 +121,7 @@ def create(prefix: str, *, nodes: int = 3, pods_per_node: int = 2,
         built: list[SimNode] = []
         for i in range(1, nodes + 1):
             built.append(_create_node(prefix, ul, i, pods_per_node, pod_mtu, underlay))
-        for node in built:
+        for node in built if pod_routes else []:
             routes = []
             for other in built:
                 if other is node:
@@ -172,6 +174,15 @@ def _create_pod(prefix: str, node_ns: str, i: int, j: int, mtu: int,
                   "route add default via 169.254.1.1 dev eth0",
                   "route add ::/0 via fe80::1 dev eth0"])
     return Pod(f"node{i}-pod{j}", ns, f"node{i}", host_if, ipv4, ipv6)
+
+
+def free_underlay() -> str | None:
+    """A 10.9x.0 /24 that no route on this machine covers (for a host link), or None."""
+    routes = run(["ip", "-4", "route", "show", "table", "all"], check=False).stdout
+    for second in range(90, 99):
+        if f"10.{second}.0." not in routes:
+            return f"10.{second}.0"
+    return None
 
 
 def namespaces(prefix: str) -> list[str]:
