@@ -2,8 +2,9 @@
 
 The audit's attack (issue 14, finding 1): with any agent's credential, write your own key
 into node2's `wgmanager.io/public-key`; every peer follows, and re-patching on every watch
-event held the key most of the time and decrypted node2's pods' packets. Until per-node
-identity lands, the agents can refuse to reward it: node2 sees its annotation forged and
+event held the key most of the time and decrypted node2's pods' packets. Node identities
+can no longer do it (tests/e2e/test_node_identity.py); anyone with `patch nodes` (here the
+lab's admin) still can, and the agents refuse to reward it: node2 sees its annotation forged and
 writes its own back (KeyAnnotationOverwritten), every other node sees node2's key jump
 outside the rotation protocol (PeerKeyReplaced), and after three jumps within ten minutes
 node2 is quarantined on every node: no peer at all, its pods' traffic dropped, nothing in
