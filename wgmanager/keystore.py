@@ -13,6 +13,7 @@ No log line or exception message carries private key material; only public keys 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
@@ -30,6 +31,9 @@ logger = logging.getLogger(__name__)
 
 MAIN_KEY = "private.key"
 ROTATION_STATE = "rotation.json"
+# The nodes this node's agent quarantined (wgmanager.core.keywatch): kept in memory by the
+# agent, written here for `wgmanager status`, which runs in another process.
+QUARANTINE_STATE = "quarantined.json"
 
 
 def slot_key(slot: int) -> str:
@@ -189,6 +193,19 @@ class KeyStore:
 
     def save_rotation(self, state: RotationState) -> None:
         self.write_state(ROTATION_STATE, state.to_json())
+
+    def load_quarantined(self) -> frozenset[str]:
+        """The nodes the agent last said it quarantines; none when unreadable (status only)."""
+        try:
+            text = self.read_state(QUARANTINE_STATE)
+            names = json.loads(text) if text else []
+        except (KeyStoreError, ValueError):
+            return frozenset()
+        return frozenset(n for n in names if isinstance(n, str)) if isinstance(names, list) \
+            else frozenset()
+
+    def save_quarantined(self, names: frozenset[str]) -> None:
+        self.write_state(QUARANTINE_STATE, json.dumps(sorted(names)) + "\n")
 
     def _only_slot(self) -> int:
         return 1 if self.exists(slot_key(1)) and not self.exists(slot_key(0)) else 0

@@ -80,3 +80,11 @@ def test_a_key_fight_is_noticed_and_ends_in_quarantine_not_interception(kc: Kube
                             wait=1)[1] == 0
         assert traffic.ping(n1.pods[0], n3.pods[0].ipv4, count=3, interval=0.05)[1] == 3
     assert cap.plaintext_pod_packets() == 0
+    # `wgmanager status` on an observer says why node2 has no peer (not "missing").
+    for node in observers:
+        status = kc.lab.node_status(node)
+        assert status is not None
+        expected = status["expected"]
+        assert {"node": n2.name, "reason": QUARANTINE_REASON, "pending": False} \
+            in expected["rejected"]
+        assert n2.name not in expected["missing"] and status["ok"], status

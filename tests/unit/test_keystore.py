@@ -495,3 +495,16 @@ def test_we_read_wg_genkey_output(tmp_path: Path) -> None:
     result = KeyStore(tmp_path).load_or_create()
     assert result.created is False
     assert result.key.public_key.base64() == pub.decode().strip()
+
+
+def test_quarantined_nodes_round_trip_and_unreadable_means_none(tmp_path: Path) -> None:
+    """The agent records the nodes it quarantines for `status`; a damaged file is not fatal
+    (status then shows them as missing, never crashes)."""
+    store = KeyStore(tmp_path / "state")
+    assert store.load_quarantined() == frozenset()
+    store.save_quarantined(frozenset({"node2", "node9"}))
+    assert store.load_quarantined() == {"node2", "node9"}
+    store.save_quarantined(frozenset())
+    assert store.load_quarantined() == frozenset()
+    (tmp_path / "state" / "quarantined.json").write_text("{not json")
+    assert store.load_quarantined() == frozenset()

@@ -94,6 +94,7 @@ class Agent:
         self.events = events
         self._reported: dict[str, str] = {}  # rejected node -> reason already reported
         self.keywatch = KeyWatch()
+        self._said_quarantined: frozenset[str] | None = None  # None: not written yet
         self._written: dict[str, list[str | None]] = {}  # annotation -> values we wrote
         self._looked = False  # whether we have compared our Node with what we want before
         self.rotator = KeyRotator(reconciler, reconciler.settings.rotation)
@@ -315,6 +316,13 @@ class Agent:
         held = quarantined(self.keywatch, now)
         if self.metrics is not None:
             self.metrics.quarantined_nodes.set(len(held))
+        if held != self._said_quarantined:
+            try:  # for `wgmanager status`; the quarantine itself does not depend on it
+                self.reconciler.keystore.save_quarantined(held)
+                self._said_quarantined = held
+            except WgmError as e:
+                log.warning("cannot record the quarantined nodes for status",
+                            extra={"error": str(e)})
         return held
 
     def _annotation_changes(self, me: NodeSpec | None) -> dict[str, str | None]:

@@ -74,7 +74,8 @@ def collect(settings: NodeSettings, backends: Callable[[str], WireGuardBackend],
     names: dict[PublicKey, str] = {}
     expected: dict[str, Any] | None = None
     if nodes is not None and device is not None and device.public_key is not None:
-        expected, names = _expected(settings, device, list(nodes), mesh_config or MeshConfig())
+        expected, names = _expected(settings, device, list(nodes), mesh_config or MeshConfig(),
+                                    store.load_quarantined())
     doc["peers"] = [_peer(st, names.get(key), now) for key, st in
                     sorted((device.peers if device else {}).items(),
                            key=lambda kv: names.get(kv[0], "~" + kv[0].base64()))]
@@ -138,11 +139,14 @@ def _datapath(settings: NodeSettings, attached: list[dict[str, str]],
 
 
 def _expected(settings: NodeSettings, device: DeviceState, nodes: list[NodeSpec],
-              config: MeshConfig) -> tuple[dict[str, Any], dict[PublicKey, str]]:
+              config: MeshConfig, quarantined: frozenset[str],
+              ) -> tuple[dict[str, Any], dict[PublicKey, str]]:
+    """What the agent should have configured: the mesh it computes, with the nodes it said
+    it quarantines (in the state dir), which then show as rejected and not as missing."""
     assert device.public_key is not None
     try:
         mesh = compute_mesh(local_name=settings.node_name, local_key=device.public_key,
-                            specs=nodes, config=config)
+                            specs=nodes, config=config, quarantined=quarantined)
     except LocalNodeError as e:
         return ({"peers_expected": None, "peers_configured": len(device.peers),
                  "missing": [], "unexpected": [], "rejected": [], "error": str(e)}, {})
