@@ -9,11 +9,13 @@ the integration harness's stale-run cleanup.
 from __future__ import annotations
 
 import contextlib
+import secrets
 import signal
 import subprocess
+from collections.abc import Iterator
 from typing import Any
 
-from tests.integration.harness import PIN_ROOT, RUN_ROOT
+from tests.integration.harness import PIN_ROOT, RUN_ROOT, cleanup_prefix
 from wgmanager.core.keys import PublicKey
 from wgmanager.datapath.maps import PinnedMaps
 from wgmanager.lab import traffic
@@ -104,3 +106,17 @@ class KubeCluster:
             out.append(f"{node.name} neigh6={res.stdout.strip()!r}")
             out.append(f"{node.name} log tail={self.agent_log(node)[-600:]!r}")
         return "\n".join(out)
+
+
+@contextlib.contextmanager
+def running_cluster(stem: str, *, nodes: int = 3, pods_per_node: int = 1) -> Iterator[KubeCluster]:
+    """A lab cluster with every agent started, under a fresh prefix starting with ``stem``;
+    removed completely afterwards (a module fixture's body)."""
+    prefix = stem + secrets.token_hex(2)
+    cluster = KubeCluster(prefix)
+    try:
+        cluster.lab.up(nodes=nodes, pods_per_node=pods_per_node)
+        yield cluster
+    finally:
+        cluster.lab.down()
+        cleanup_prefix(prefix)

@@ -13,13 +13,11 @@ plaintext, so a key fight can cost node2 its traffic but never hand it to the at
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Iterator
 
 import pytest
 
-from tests.e2e.kubecluster import KubeCluster, await_condition
-from tests.integration.harness import cleanup_prefix
+from tests.e2e.kubecluster import KubeCluster, await_condition, running_cluster
 from wgmanager.core.keys import PrivateKey, PublicKey
 from wgmanager.core.mesh import QUARANTINE_REASON
 from wgmanager.kube.translate import PUBLIC_KEY_ANNOTATION
@@ -28,14 +26,8 @@ from wgmanager.lab import traffic
 
 @pytest.fixture(scope="module")
 def kc() -> Iterator[KubeCluster]:
-    prefix = "wgk" + secrets.token_hex(2)
-    cluster = KubeCluster(prefix)
-    try:
-        cluster.lab.up(nodes=3, pods_per_node=1)
+    with running_cluster("wgk") as cluster:
         yield cluster
-    finally:
-        cluster.lab.down()
-        cleanup_prefix(prefix)
 
 
 def forge(kc: KubeCluster, node: str, key: str) -> None:

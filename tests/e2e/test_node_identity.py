@@ -10,7 +10,6 @@ rewrote another node's key and every node followed within 0.64 s.
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,22 +18,15 @@ from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 
-from tests.e2e.kubecluster import KubeCluster
-from tests.integration.harness import cleanup_prefix
+from tests.e2e.kubecluster import KubeCluster, running_cluster
 from wgmanager.core.keys import PrivateKey, PublicKey
 from wgmanager.kube.translate import NEXT_KEY_ANNOTATION, PUBLIC_KEY_ANNOTATION
 
 
 @pytest.fixture(scope="module")
 def kc() -> Iterator[KubeCluster]:
-    prefix = "wgi" + secrets.token_hex(2)
-    cluster = KubeCluster(prefix)
-    try:
-        cluster.lab.up(nodes=3, pods_per_node=1)
+    with running_cluster("wgi") as cluster:
         yield cluster
-    finally:
-        cluster.lab.down()
-        cleanup_prefix(prefix)
 
 
 def core_from(kubeconfig: Any) -> Any:
