@@ -738,7 +738,9 @@ def test_teardown_runs_wgmanager_teardown_on_every_node(renders: dict[str, Rende
     assert init["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN"]}
     assert init["securityContext"]["privileged"] is False
     assert r.mounts("teardown")["/sys/fs/bpf"]["mountPropagation"] == "HostToContainer"
-    assert r.pod["containers"][0]["command"] == ["sleep", "infinity"]
+    # Idles, and exits on SIGTERM (a bare `sleep` as PID 1 ignores it: 30 s per pod).
+    assert r.pod["containers"][0]["command"] == ["sh", "-c",
+                                                 "trap 'exit 0' TERM; sleep infinity & wait"]
 
 
 # -- 7. NOTES.txt ---------------------------------------------------------------------------

@@ -12,9 +12,11 @@ neither, so this module turns each simulated node into a node a cluster really h
         (a slave of the host's: host mounts show inside, nothing made inside leaks out),
         where a fresh tmpfs covers /run/containerd (shim sockets) and /run/wireguard, the
         node's own dirs cover /var/log (pod logs), /var/lib/cni (IPAM, CNI cache) and
-        /var/lib/kubelet (the device-plugin socket ignores --root-dir), and a fresh bpffs,
-        made shared, covers /sys/fs/bpf (kubelet refuses a non-shared one for a
-        Bidirectional hostPath);
+        /var/lib/kubelet (the device-plugin socket ignores --root-dir; it also holds the
+        kubelet's kubeconfig and pki/ for hostPath pods, see ``NODE_KUBECONFIG``) and
+        /var/lib/wgmanager (the agent's private key), and a fresh bpffs,
+        made shared, replaces whatever the host has on /sys/fs/bpf (kubelet and containerd
+        refuse a non-shared one for a Bidirectional hostPath);
       containerd in those namespaces (``nodeconfig``: every path under the node's dir, CRI
         as this machine needs it, a CNI template that containerd renders for the podCIDRs
         the kubelet hands it: bridge + host-local, IPv4 and IPv6);
@@ -62,6 +64,8 @@ from wgmanager.lab import cgroups, controlplane, nodenet, topology
 from wgmanager.lab.controlplane import ControlPlane, kube_binary, require_binary
 from wgmanager.lab.daemons import Daemons, kill, processes_under
 from wgmanager.lab.nodeconfig import (
+    NODE_KUBECONFIG,
+    NODE_PKI,
     NodeLayout,
     cni_template,
     containerd_toml,
@@ -78,7 +82,7 @@ NODE_COMMS = ("sleep", "nsenter", "unshare", "containerd", "containerd-shim-runc
 # Host directories a node covers with its own mount; created (empty) if a machine lacks them
 # and never removed (removing a directory detaches what other labs mounted on it).
 MOUNTPOINTS = (Path("/run/containerd"), Path("/run/wireguard"), Path("/var/lib/cni"),
-               Path("/var/lib/kubelet"))
+               Path("/var/lib/kubelet"), Path("/var/lib/wgmanager"))
 Progress = Callable[[str], None]
 
 
@@ -138,6 +142,16 @@ class KubeNode:
         """The kubelet's identity: what the agent will speak for its node with."""
         return self.layout.kubeconfig
 
+    node_kubeconfig = NODE_KUBECONFIG
+    """The same identity at the path every node has for it in its own mount namespace
+    (certificates and CA under ``NODE_PKI``): what a hostPath pod on the node mounts."""
+    node_pki = NODE_PKI
+
+    def enter(self) -> list[str]:
+        """The command prefix that runs a program in this node's network and mount
+        namespaces (``wg show`` there finds the node's WireGuard sockets)."""
+        return self._enter()
+
     def holder_pid(self) -> int | None:
         return self.daemons.pid(HOLDER)
 
@@ -151,9 +165,15 @@ class KubeNode:
         (self.dir / "owner.pid").write_text(f"{os.getpid()}\n")
         ca = cp.ca()
         name = f"system:node:{self.node.name}"
-        crt, key = write_pair(self.dir, "kubelet-client", *ca.issue(name, ["system:nodes"]))
+        # One identity, two views of its paths: from this machine (the kubelet, tests) and
+        # from inside the node, as a hostPath pod there sees it (the chart's nodeIdentity).
+        lay.pki_dir.mkdir(parents=True, exist_ok=True)
+        crt, key = write_pair(lay.pki_dir, "kubelet-client", *ca.issue(name, ["system:nodes"]))
+        shutil.copyfile(cp.ca_cert, lay.pki_dir / "ca.crt")
         write_kubeconfig(lay.kubeconfig, server=cp.url, ca=cp.ca_cert, user=name, cert=crt,
                          key=key)
+        write_kubeconfig(lay.node_kubeconfig, server=cp.url, ca=NODE_PKI / "ca.crt",
+                         user=name, cert=NODE_PKI / crt.name, key=NODE_PKI / key.name)
         sans: list[x509.GeneralName] = [x509.DNSName(self.node.name)]
         sans += [x509.IPAddress(ipaddress.ip_address(a))
                  for a in (self.node.ipv4, self.node.ipv6)]
@@ -178,6 +198,9 @@ class KubeNode:
             "mount -t tmpfs -o mode=0711 tmpfs /run/containerd",
             "mount -t tmpfs -o mode=0700 tmpfs /run/wireguard",
             *(f"mount --bind {own} {host}" for host, own in self.layout.mounted_dirs.items()),
+            # A bpffs the host mounted (not shared) would stay under the node's, and
+            # containerd checks the first mount it finds on the path: "not a shared mount".
+            "while mountpoint -q /sys/fs/bpf; do umount -l /sys/fs/bpf; done",
             "mount -t bpf bpf /sys/fs/bpf",
             "mount --make-shared /sys/fs/bpf",
             f"touch {ready}",

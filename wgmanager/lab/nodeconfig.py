@@ -7,8 +7,9 @@ root, the CNI conf dir, ...) would be shared by all of them. So every path a nod
 write is spelled out under the node's own directory (``NodeLayout``), which is also what
 makes "remove the directory" a complete clean-up. The few paths the binaries cannot be told
 (shim sockets in /run/containerd, pod logs in /var/log/pods, IPAM state in /var/lib/cni, the
-device-plugin socket in /var/lib/kubelet) are covered by mounts in the node's own mount
-namespace instead (see ``kubelets``).
+device-plugin socket in /var/lib/kubelet), and the host paths a node's hostPath pods use
+(/var/lib/wgmanager, /var/lib/kubelet/kubeconfig and pki), are covered by mounts in the
+node's own mount namespace instead (see ``kubelets``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,11 @@ from pathlib import Path
 from typing import Any
 
 CNI_BIN = Path("/usr/lib/cni")  # Debian's containernetworking-plugins
+# The kubelet's identity as seen inside the node's mount namespace (and so by a hostPath
+# pod there): where EKS, GKE and AKS keep it, with its certificates and the cluster CA in
+# a directory of their own (the Helm chart's nodeIdentity.kubeletKubeconfig / hostPaths).
+NODE_KUBECONFIG = Path("/var/lib/kubelet/kubeconfig")
+NODE_PKI = Path("/var/lib/kubelet/pki")
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +71,17 @@ class NodeLayout:
         return self.dir / "kubelet.kubeconfig"
 
     @property
+    def pki_dir(self) -> Path:
+        """The kubelet's client certificate and key and the cluster CA: ``NODE_PKI`` inside
+        the node (``kubeconfig`` names them by this path, ``node_kubeconfig`` by that one)."""
+        return self.mounted_dirs[NODE_PKI.parent] / NODE_PKI.name
+
+    @property
+    def node_kubeconfig(self) -> Path:
+        """The same identity for use inside the node: ``NODE_KUBECONFIG`` there."""
+        return self.mounted_dirs[NODE_KUBECONFIG.parent] / NODE_KUBECONFIG.name
+
+    @property
     def resolv_conf(self) -> Path:
         return self.dir / "resolv.conf"
 
@@ -73,7 +90,10 @@ class NodeLayout:
         """Host path -> the node's own directory mounted over it in the node's namespace."""
         return {Path("/var/log"): self.dir / "var-log",
                 Path("/var/lib/cni"): self.dir / "cni-state",
-                Path("/var/lib/kubelet"): self.dir / "var-lib-kubelet"}
+                Path("/var/lib/kubelet"): self.dir / "var-lib-kubelet",
+                # wgmanager's state dir (the node's private key): else every node's agent
+                # would read and write the one key of the machine.
+                Path("/var/lib/wgmanager"): self.dir / "var-lib-wgmanager"}
 
 
 def containerd_toml(layout: NodeLayout, *, sandbox_image: str) -> str:

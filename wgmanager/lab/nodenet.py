@@ -60,7 +60,12 @@ def sync_routes(topo: Topology, pod_cidrs: dict[str, list[str]]) -> None:
 def service_dnat(netns: str, api_host: str, api_port: int) -> None:
     """Pods (and hostNetwork pods) reach the `kubernetes` Service at 10.96.0.1:443 as with
     kube-proxy: DNAT to the API server, masqueraded to the node's address so that the
-    answer finds its way back over the underlay. Replaces the node's previous rules."""
+    answer finds its way back over the underlay. Replaces the node's previous rules.
+
+    The node also routes the Service address towards the API server: a hostNetwork pod's
+    connection is routed before its DNAT, and by the default route that goes into the dead
+    end (``dead_end_route``), whose reject answered "connection refused"."""
+    topology.ip_batch(netns, [f"route replace {SERVICE_IP}/32 via {api_host}"])
     _nft(netns, NAT_TABLE, [
         f"table ip {NAT_TABLE} {{",
         "  chain prerouting { type nat hook prerouting priority dstnat;",
