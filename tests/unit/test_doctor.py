@@ -33,7 +33,7 @@ from wgmanager.commands.doctor.rules import (
     udp_inodes,
     wireguard_go_check,
 )
-from wgmanager.datapath.mounts import fstype_at
+from wgmanager.datapath.mounts import fstype_at, propagation_at
 from wgmanager.errors import ConfigError
 from wgmanager.wireguard.implementation import OFFLOAD_FIX, OFFLOADS_SINCE
 
@@ -210,6 +210,36 @@ MOUNTINFO = """\
 ])
 def test_fstype_at(path: str, exact: bool, fstype: str | None) -> None:
     assert fstype_at(MOUNTINFO, Path(path), exact=exact) == fstype
+
+
+PROPAGATION = """\
+22 1 0:21 / / rw,relatime shared:1 - ext4 /dev/vda rw
+23 22 0:22 / /sys rw,nosuid - sysfs sysfs rw
+24 23 0:23 / /sys/fs/bpf rw,relatime master:3 - bpf bpf rw
+25 22 0:24 / /run rw shared:7 master:2 - tmpfs tmpfs rw
+"""
+
+
+@pytest.mark.parametrize(("path", "mode"), [
+    ("/sys/fs/bpf", "slave"),          # master:N only
+    ("/sys/fs/bpf/wgmanager", "slave"),
+    ("/sys/kernel", "private"),        # no optional field
+    ("/run/x", "shared"),              # shared and a slave: still propagates out
+    ("/var/lib", "shared"),
+])
+def test_propagation_at(path: str, mode: str) -> None:
+    assert propagation_at(PROPAGATION, Path(path)) == mode
+
+
+@pytest.mark.parametrize(("mode", "status"), [("shared", "ok"), ("slave", "warn"),
+                                              ("private", "warn"), (None, "warn")])
+def test_bpffs_propagation_check(mode: str | None, status: str) -> None:
+    """The chart's Bidirectional bpffs mount needs a shared host mount; this machine's is
+    private, which is how the lab's real kubelets found it."""
+    check = doctor.bpffs_propagation_check(mode)
+    assert check.status == status
+    if status == "warn":
+        assert "not a shared one" in check.detail and "mount --make-shared" in check.fix
 
 
 UDP = """\

@@ -29,6 +29,26 @@ def fstype_at(mountinfo: str, path: Path, *, exact: bool = False) -> str | None:
     return fstype
 
 
+def propagation_at(mountinfo: str, path: Path) -> str | None:
+    """How the mount holding ``path`` propagates: "shared", "slave" or "private" (None when
+    no mount holds it). The optional fields of a mountinfo line say it: ``shared:N`` for a
+    peer group (a mount that is also a slave is still shared), ``master:N`` for a slave."""
+    target, best, mode = str(path), "", None
+    for line in mountinfo.splitlines():
+        left, sep, _ = line.partition(" - ")
+        fields = left.split()
+        if not sep or len(fields) < 6:
+            continue
+        point = fields[4]
+        if (target == point or target.startswith(point.rstrip("/") + "/")) \
+                and len(point) >= len(best):
+            tags = fields[6:]
+            best = point
+            mode = ("shared" if any(t.startswith("shared:") for t in tags)
+                    else "slave" if any(t.startswith("master:") for t in tags) else "private")
+    return mode
+
+
 def fstype_of(path: Path) -> str | None:
     """The filesystem type of the mount holding ``path`` (which may not exist yet)."""
     with open("/proc/self/mountinfo") as f:

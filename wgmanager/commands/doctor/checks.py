@@ -51,7 +51,7 @@ from wgmanager.commands.doctor.rules import (
     to_json,
     wireguard_go_check,
 )
-from wgmanager.datapath.mounts import fstype_at
+from wgmanager.datapath.mounts import fstype_at, propagation_at
 from wgmanager.kernel_errors import explain
 
 __all__ = ["Check", "add_arguments", "checks", "exit_code", "render", "run", "to_json"]
@@ -104,6 +104,7 @@ def checks(*, interface: str = config.DEFAULT_IFNAME, uplink: str | None = None,
         _guard("bpf-syscall", check_bpf_syscall),
         _guard("bpf-jit", check_bpf_jit),
         _guard("bpffs", check_bpffs),
+        _guard("bpffs-propagation", check_bpffs_propagation),
         _guard("pin-dir", lambda: check_pin_dir(pin_dir)),
         _guard("wireguard", check_wireguard),
         _guard("tun", check_tun),
@@ -186,6 +187,24 @@ def check_bpffs() -> Check:
         return Check("bpffs", "ok", f"mounted at {BPFFS_ROOT}")
     return Check("bpffs", "fail", f"no bpffs mounted at {BPFFS_ROOT}: maps cannot be pinned",
                  f"mount -t bpf bpf {BPFFS_ROOT}")
+
+
+def check_bpffs_propagation() -> Check:
+    return bpffs_propagation_check(propagation_at(_read("/proc/self/mountinfo"), BPFFS_ROOT))
+
+
+def bpffs_propagation_check(mode: str | None) -> Check:
+    """The Helm chart mounts /sys/fs/bpf into its pods with Bidirectional propagation (so
+    the bpffs its init container mounts reaches the host); containerd and CRI-O refuse that
+    unless the host's mount there is shared, and the agent pods never start."""
+    if mode == "shared":
+        return Check("bpffs-propagation", "ok", f"{BPFFS_ROOT} is on a shared mount")
+    return Check("bpffs-propagation", "warn",
+                 f"{BPFFS_ROOT} is on a {mode or 'missing'} mount, not a shared one: the Helm "
+                 "chart's pods (Bidirectional hostPath) would be refused with \"is not a "
+                 "shared mount\"",
+                 f"mount --make-shared {BPFFS_ROOT} (mount bpffs there first if needed), and "
+                 "at boot; systemd hosts are shared already")
 
 
 def check_pin_dir(pin_dir: Path) -> Check:
