@@ -136,16 +136,8 @@ mkdir -p "$IMAGES"
 exec 9>"$IMAGES/.lock"
 flock 9   # a concurrent run waits, then finds the archives
 
-need=()
-for p in buildah mmdebstrap; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
-done
-if ((${#need[@]})); then
-  log "installing ${need[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-fi
+source scripts/apt-ensure.sh
+apt_ensure buildah mmdebstrap
 
 tmp=$(mktemp -d "$IMAGES/.work.XXXXXX")
 containers=()

@@ -58,18 +58,12 @@ if ((${#NEED_BIN[@]} == 0)); then
   exit 0
 fi
 
-export DEBIAN_FRONTEND=noninteractive
-NEED=""
 pkgs=(golang-go dpkg-dev rsync)
 [[ " ${NEED_BIN[*]} " =~ " pause " ]] && pkgs+=(gcc libc6-dev)
 [[ " ${NEED_BIN[*]} " =~ " kube-apiserver " ]] && pkgs+=(etcd-server)
-for p in "${pkgs[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || NEED+=" $p"
-done
-if [[ -n "$NEED" ]]; then
-  log "installing$NEED"
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends $NEED >/dev/null
+source "$(dirname "$0")/apt-ensure.sh"
+apt_ensure "${pkgs[@]}"
+if [[ " $APT_INSTALLED " == *" etcd-server "* ]]; then
   # etcd-server's own service is not ours: tests run private etcd instances.
   systemctl disable --now etcd >/dev/null 2>&1 || true
 fi

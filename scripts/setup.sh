@@ -21,22 +21,14 @@ APT_PACKAGES=(
 
 log() { printf 'setup: %s\n' "$*"; }
 
-missing=()
-for p in "${APT_PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  log "installing Debian packages: ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  # The lab runs its own containerd per node; the package's service is not ours.
-  if [[ " ${missing[*]} " == *" containerd "* ]]; then
-    systemctl disable containerd.service >/dev/null 2>&1 || true
-    systemctl stop containerd.service >/dev/null 2>&1 || true
-  fi
-else
+source scripts/apt-ensure.sh
+apt_ensure "${APT_PACKAGES[@]}"
+if [[ -z "$APT_INSTALLED" ]]; then
   log "Debian packages present"
+elif [[ " $APT_INSTALLED " == *" containerd "* ]]; then
+  # The lab runs its own containerd per node; the package's service is not ours.
+  systemctl disable containerd.service >/dev/null 2>&1 || true
+  systemctl stop containerd.service >/dev/null 2>&1 || true
 fi
 
 # wireguard-go from bookworm-backports (TUN offloads, 14 MiB sockets), pinned, through a

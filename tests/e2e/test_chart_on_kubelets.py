@@ -36,10 +36,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from kubernetes import client
-from kubernetes.stream import stream
 
 from tests.integration.harness import RUN_ROOT
+from tests.integration.kube_pods import await_true, core, pod_exec
 from wgmanager.errors import EnvironmentProblem
 from wgmanager.kube.translate import PUBLIC_KEY_ANNOTATION
 from wgmanager.lab import cgroups, chart, kubelets, topology
@@ -106,32 +105,6 @@ def pods(kube: RealCluster) -> dict[str, list[str]]:
     return addresses
 
 
-def core(kube: RealCluster) -> Any:
-    return client.CoreV1Api(kube.api)
-
-
-def await_true(cond: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.3)
-
-
-def pod_exec(api: Any, name: str, argv: list[str], timeout: float = 120) -> tuple[int, str]:
-    """Runs ``argv`` in the pod through the API server and the kubelet; (exit code, output)."""
-    resp = stream(api.connect_get_namespaced_pod_exec, name, "default", command=argv,
-                  stdout=True, stderr=True, stdin=False, tty=False, _preload_content=False)
-    resp.run_forever(timeout=timeout)
-    output = resp.read_stdout() + resp.read_stderr()
-    code = resp.returncode
-    resp.close()
-    return code, output
-
-
 # Each destination: one echo; a miss is retried twice (a first packet may wait for a
 # handshake, a loaded machine may be slow). Prints "ok ADDR" or "fail ADDR".
 PING_ALL = ('for a in "$@"; do ok=fail; for i in 1 2 3; do '
@@ -145,7 +118,8 @@ def unreachable_pairs(kube: RealCluster, pods: dict[str, list[str]]) -> list[str
     failures = []
     for src in NODES:
         targets = [a for dst in NODES if dst != src for a in pods[dst]]
-        _, out = pod_exec(api, f"bb-{src}", ["sh", "-c", PING_ALL, "ping-all", *targets])
+        _, out = pod_exec(api, f"bb-{src}", ["sh", "-c", PING_ALL, "ping-all", *targets],
+                          timeout=120)
         results = {address: verdict for verdict, address in
                    (line.split(maxsplit=1) for line in out.splitlines()
                     if line.startswith(("ok ", "fail ")))}

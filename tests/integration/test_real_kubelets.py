@@ -24,9 +24,9 @@ from typing import Any
 import pytest
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
-from kubernetes.stream import stream
 
 from tests.integration.harness import RUN_ROOT, remove_stale_runs
+from tests.integration.kube_pods import await_true, core, pod_exec
 from wgmanager.errors import EnvironmentProblem
 from wgmanager.lab import cgroups, kubelets, topology
 from wgmanager.lab.daemons import alive
@@ -57,21 +57,6 @@ def kube() -> Iterator[RealCluster]:
         cluster.stop()
 
 
-def core(kube: RealCluster) -> Any:
-    return client.CoreV1Api(kube.api)
-
-
-def await_true(cond: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.2)
-
-
 def busybox_ref() -> str:
     return kubelets.images(["busybox"])[0].ref
 
@@ -89,17 +74,6 @@ def run_pod(api: Any, name: str, node: str) -> Any:
         pod = api.read_namespaced_pod(name, "default")
         return pod if pod.status.phase == "Running" and pod.status.pod_ips else None
     return await_true(running, 60, f"pod {name} to run on {node}")
-
-
-def pod_exec(api: Any, name: str, argv: list[str]) -> tuple[int, str]:
-    """Runs ``argv`` in the pod through the API server and the kubelet; (exit code, output)."""
-    resp = stream(api.connect_get_namespaced_pod_exec, name, "default", command=argv,
-                  stdout=True, stderr=True, stdin=False, tty=False, _preload_content=False)
-    resp.run_forever(timeout=30)
-    output = resp.read_stdout() + resp.read_stderr()
-    code = resp.returncode
-    resp.close()
-    return code, output
 
 
 def test_nodes_register_and_turn_ready_with_dual_stack_pod_cidrs(kube: RealCluster) -> None:
