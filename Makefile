@@ -10,8 +10,9 @@ PY := $(VENV)/bin/python
 setup:
 	bash scripts/setup.sh
 
-# A 3-node encrypted cluster on this machine, then the proof: every pod pair over ICMP and
-# TCP, zero plaintext on the underlay, and the sanity inversion. Repeating it is harmless.
+# A 3-node cluster of real kubelets on this machine with the Helm chart installed
+# (encryption.enabled=true), then the proof: every pod pair over ICMP and TCP, zero
+# plaintext on the underlay, and the sanity inversion. Repeating it is harmless.
 lab: setup
 	$(VENV)/bin/wgmanager lab up --nodes 3
 	$(VENV)/bin/wgmanager lab check

@@ -10,7 +10,8 @@ pod per node. In order:
 - `helm install --set encryption.enabled=true` with the local image, the cluster's pod CIDRs
   and the node identity at the path every lab node keeps its kubelet's kubeconfig
   (/var/lib/kubelet/kubeconfig, certificates under /var/lib/kubelet/pki): every agent pod
-  turns Ready with both containers (agent and wireguard-go), each node publishes a key of
+  turns Ready, and so does every wireguard-go pod (a DaemonSet of its own, so that its
+  tunnels outlive the agent's pod), each node publishes a key of
   its own (each node has its own /var/lib/wgmanager) and its WireGuard device holds a peer
   for every other node, read with `wg show` inside the node;
 - the same pings pass with 0 plaintext pod packets and >0 WireGuard packets on the wire;
@@ -50,6 +51,8 @@ NODES = ("node1", "node2", "node3")
 INTERFACE = "wgm0"  # the chart's default encryption.wireguard.interface
 WG_PORTS = (51820, 51821)  # its listenPort and rotationListenPort
 AGENT_SELECTOR = "app.kubernetes.io/component=agent"
+WIREGUARD_GO_SELECTOR = "app.kubernetes.io/component=wireguard-go"
+ENCRYPTION_SELECTOR = "app.kubernetes.io/component in (agent,wireguard-go)"
 TIMINGS: dict[str, float] = {}
 STARTED: dict[str, float] = {}
 
@@ -166,8 +169,7 @@ def test_helm_install_turns_every_agent_pod_ready(kube: RealCluster, release: ch
     values = chart.lab_values(image, kube.cp.cluster_cidrs)
     began = time.monotonic()
     release.install(values)
-    chart.wait_daemonset_ready(kube.api, release.name, release.namespace, nodes=len(NODES),
-                               timeout=300)
+    chart.wait_daemonsets_ready(kube.api, release, nodes=len(NODES), timeout=300)
     TIMINGS["install to all Ready"] = time.monotonic() - began
     print(f"helm install to every agent pod Ready: {TIMINGS['install to all Ready']:.1f} s")
 
@@ -176,8 +178,12 @@ def test_helm_install_turns_every_agent_pod_ready(kube: RealCluster, release: ch
     assert sorted(p.spec.node_name for p in agents) == list(NODES)
     for pod in agents:
         assert chart.pod_ready(pod)
-        assert sorted(c.name for c in pod.status.container_statuses) == ["agent",
-                                                                         "wireguard-go"]
+        assert [c.name for c in pod.status.container_statuses] == ["agent"]
+    # wireguard-go in pods of its own, one per node, beside the agents'
+    tunnels = core(kube).list_namespaced_pod(release.namespace,
+                                             label_selector=WIREGUARD_GO_SELECTOR).items
+    assert sorted(p.spec.node_name for p in tunnels) == list(NODES)
+    assert all(map(chart.pod_ready, tunnels))
     # Each node's agent published a key of its own: the key dir is the node's, not shared.
     keys = await_true(lambda: (k := published_keys(kube)) and all(k.values()) and k, 60,
                       "every node's public key annotation")
@@ -214,8 +220,8 @@ def test_after_teardown_and_uninstall_pods_still_reach_each_other_in_plaintext(
         kube.api, f"{release.name}-teardown", release.namespace, nodes=len(NODES),
         timeout=240)
     # No agent may still run (it would put its datapath back) when the pings below judge.
-    TIMINGS["then agent pods gone"] = chart.wait_daemonset_gone(
-        kube.api, AGENT_SELECTOR, release.namespace, timeout=120)
+    TIMINGS["then agent and wireguard-go pods gone"] = chart.wait_daemonset_gone(
+        kube.api, ENCRYPTION_SELECTOR, release.namespace, timeout=120)
     release.uninstall()
     TIMINGS["teardown + uninstall"] = time.monotonic() - began
     # The teardown pods are not waited for: their idle container (`sleep infinity`, PID 1,

@@ -1,4 +1,5 @@
-"""`wgmanager lab` as a user runs it: up, status, exec, check, down, each as a process."""
+"""`wgmanager lab --agents processes` (the fast mode: one agent process per node namespace,
+no kubelets) as a user runs it: up, status, exec, check, down, each as a process."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def lab() -> Iterator[LabCLI]:
     prefix = "wgc" + secrets.token_hex(2)
     cli = LabCLI(prefix)
     try:
-        res = cli("up", "--nodes", "3", "--pods-per-node", "1")
+        res = cli("up", "--nodes", "3", "--pods-per-node", "1", "--agents", "processes")
         assert res.returncode == 0, res.stdout + res.stderr
         assert "converged" in res.stdout
         yield cli
@@ -41,9 +42,9 @@ def lab() -> Iterator[LabCLI]:
 
 
 def test_up_again_is_harmless(lab: LabCLI) -> None:
-    res = lab("up", "--nodes", "3", "--pods-per-node", "1")
+    res = lab("up", "--nodes", "3", "--pods-per-node", "1", "--agents", "processes")
     assert res.returncode == 0 and "already up" in res.stdout
-    other = lab("up", "--nodes", "5", "--pods-per-node", "1")
+    other = lab("up", "--nodes", "5", "--pods-per-node", "1", "--agents", "processes")
     assert other.returncode == 1
     assert other.stderr.count("\n") == 1 and "lab down" in other.stderr
 

@@ -197,15 +197,37 @@ class Render:
 
     @property
     def daemonset(self) -> Obj:
-        return self.one("DaemonSet", None if self.name != "teardown" else FULLNAME + "-teardown")
+        """The agent's DaemonSet (teardown's in the teardown render)."""
+        found = [o for o in self.of_kind("DaemonSet")
+                 if o["metadata"]["labels"]["app.kubernetes.io/component"]
+                 == ("teardown" if self.name == "teardown" else "agent")]
+        assert len(found) == 1, f"{self.name}: {len(found)} agent DaemonSets"
+        return found[0]
 
     @property
     def pod(self) -> Obj:
         spec: Obj = self.daemonset["spec"]["template"]["spec"]
         return spec
 
+    @property
+    def wireguard_go(self) -> Obj:
+        """wireguard-go's own DaemonSet (its pods outlive the agent's)."""
+        return self.one("DaemonSet", FULLNAME + "-wireguard-go")
+
+    def has_wireguard_go(self) -> bool:
+        return any(o["metadata"]["name"] == FULLNAME + "-wireguard-go"
+                   for o in self.of_kind("DaemonSet"))
+
+    def pod_of(self, container: str) -> Obj:
+        """The pod spec holding ``container``: wireguard-go's is its own DaemonSet's."""
+        if container == "wireguard-go":
+            spec: Obj = self.wireguard_go["spec"]["template"]["spec"]
+            return spec
+        return self.pod
+
     def container(self, name: str) -> Obj:
-        found = [c for c in self.pod["containers"] + self.pod.get("initContainers", [])
+        pod = self.pod_of(name)
+        found = [c for c in pod["containers"] + pod.get("initContainers", [])
                  if c["name"] == name]
         assert len(found) == 1, f"{self.name}: no container {name}"
         return found[0]
@@ -213,8 +235,8 @@ class Render:
     def has_container(self, name: str) -> bool:
         return any(c["name"] == name for c in self.pod["containers"])
 
-    def volume(self, name: str) -> Obj:
-        found = [v for v in self.pod["volumes"] if v["name"] == name]
+    def volume(self, name: str, container: str = "agent") -> Obj:
+        found = [v for v in self.pod_of(container)["volumes"] if v["name"] == name]
         assert len(found) == 1, f"{self.name}: no volume {name}"
         return found[0]
 
@@ -371,8 +393,8 @@ def test_every_object_carries_the_standard_labels(renders: dict[str, Render]) ->
 
 def test_on_renders_the_agent_and_its_rbac(on_render: Render) -> None:
     kinds = sorted(o["kind"] for o in on_render.objects)
-    assert kinds == ["ClusterRole", "ClusterRoleBinding", "DaemonSet", "Role", "RoleBinding",
-                     "ServiceAccount"]
+    assert kinds == ["ClusterRole", "ClusterRoleBinding", "DaemonSet", "DaemonSet", "Role",
+                     "RoleBinding", "ServiceAccount"]
     ds = on_render.daemonset
     assert ds["metadata"]["name"] == FULLNAME
     selector = ds["spec"]["selector"]["matchLabels"]
@@ -385,9 +407,28 @@ def test_on_renders_the_agent_and_its_rbac(on_render: Render) -> None:
     assert pod["serviceAccountName"] == FULLNAME
     assert "priorityClassName" not in pod  # outside kube-system
     assert [c["name"] for c in pod["initContainers"]] == ["mount-bpffs"]
-    assert [c["name"] for c in pod["containers"]] == ["agent", "wireguard-go"]
+    assert [c["name"] for c in pod["containers"]] == ["agent"]
     for c in pod["containers"] + pod["initContainers"]:
         assert c["image"] == "wgmanager:0.1.0" and c["imagePullPolicy"] == "IfNotPresent"
+
+
+def test_wireguard_go_runs_in_a_daemonset_of_its_own(on_render: Render) -> None:
+    """Deleting or upgrading an agent pod must not end the node's tunnels: wireguard-go is
+    not in the agent's pod, and `helm upgrade` never replaces it unasked (OnDelete)."""
+    ds = on_render.wireguard_go
+    assert ds["spec"]["updateStrategy"] == {"type": "OnDelete"}
+    selector = ds["spec"]["selector"]["matchLabels"]
+    assert selector["app.kubernetes.io/component"] == "wireguard-go"
+    assert selector.items() <= ds["spec"]["template"]["metadata"]["labels"].items()
+    agent_selector = on_render.daemonset["spec"]["selector"]["matchLabels"]
+    assert selector != agent_selector  # neither DaemonSet adopts the other's pods
+    pod = on_render.pod_of("wireguard-go")
+    assert [c["name"] for c in pod["containers"]] == ["wireguard-go"]
+    assert pod["hostNetwork"] is True and pod["automountServiceAccountToken"] is False
+    # the same nodes as the agent
+    for key in ("tolerations", "nodeSelector"):
+        assert pod[key] == on_render.pod[key], key
+    assert "serviceAccountName" not in pod
 
 
 def test_agent_args_parse_with_the_agents_parser(on_render: Render) -> None:
@@ -447,9 +488,11 @@ def test_mounts_match_the_paths_the_agent_is_given(on_render: Render) -> None:
     sidecar = parse(on_render.container("wireguard-go")["args"])
     assert sidecar.command == "wireguard-go-supervisor"
     assert sidecar.socket_dir == args.socket_dir
-    assert on_render.mounts("wireguard-go")[str(sidecar.socket_dir)]["name"] == sockets["name"]
+    wg_sockets = on_render.mounts("wireguard-go")[str(sidecar.socket_dir)]
+    assert on_render.volume(wg_sockets["name"], "wireguard-go")["hostPath"] == host_path(sockets)
     tun = on_render.mounts("wireguard-go")["/dev/net/tun"]
-    assert host_path(tun) == {"path": "/dev/net/tun", "type": "CharDevice"}
+    assert on_render.volume(tun["name"], "wireguard-go")["hostPath"] == {
+        "path": "/dev/net/tun", "type": "CharDevice"}
 
 
 def test_capabilities(on_render: Render) -> None:
@@ -476,6 +519,7 @@ def test_only_the_agent_gets_an_api_token(on_render: Render) -> None:
     assert sources[0]["serviceAccountToken"] == {"path": "token", "expirationSeconds": 3607}
     assert sources[1]["configMap"]["name"] == "kube-root-ca.crt"
     assert token_path not in on_render.mounts("wireguard-go")
+    assert on_render.pod_of("wireguard-go")["automountServiceAccountToken"] is False
 
 
 def test_probes_use_the_agents_health_endpoints(renders: dict[str, Render]) -> None:
@@ -574,7 +618,7 @@ def test_the_binding_names_the_account_the_pods_run_as(renders: dict[str, Render
     assert r.one("ServiceAccount")["metadata"]["name"] == r.pod["serviceAccountName"]
 
     existing = renders["existing-service-account"]
-    assert sorted(o["kind"] for o in existing.objects) == ["DaemonSet"]
+    assert sorted(o["kind"] for o in existing.objects) == ["DaemonSet", "DaemonSet"]
     assert existing.pod["serviceAccountName"] == "net-sa"
 
 
@@ -640,9 +684,10 @@ def test_userspace_fallback(renders: dict[str, Render], name: str, backend: Back
     r = renders[name]
     args = r.agent_args()
     assert args.backend is backend
-    assert r.has_container("wireguard-go") is sidecar
+    assert r.has_wireguard_go() is sidecar
     assert args.spawn_userspace is not sidecar  # the agent never starts wireguard-go in a pod
-    assert any(v["name"] == "dev-net-tun" for v in r.pod["volumes"]) is sidecar
+    assert not r.has_container("wireguard-go")
+    assert not any(v["name"] == "dev-net-tun" for v in r.pod["volumes"])
 
 
 def test_sidecar_can_be_privileged_for_runtimes_that_deny_the_tun_device(

@@ -123,9 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--prefix", default="wgl",
                      help="name prefix of the lab's namespaces (default %(default)s)")
     lsub = lab.add_subparsers(dest="lab_command", required=True, metavar="LAB_COMMAND")
-    lu = lsub.add_parser("up", help="build the lab: namespaces, API server, agents")
+    lu = lsub.add_parser("up", help="build the lab: real kubelets, pods, the Helm chart")
     lu.add_argument("--nodes", type=int, default=3)
     lu.add_argument("--pods-per-node", type=int, default=2)
+    lu.add_argument("--agents", choices=("daemonset", "processes"), default="daemonset",
+                    help="daemonset (default): real kubelets run the Helm chart's "
+                         "DaemonSet, as users install it; processes: one agent process per "
+                         "node namespace and no kubelets (seconds instead of minutes)")
     lsub.add_parser("down", help="remove everything the lab created")
     ls = lsub.add_parser("status", help="nodes, agents, peers and handshakes")
     ls.add_argument("--json", action="store_true")
@@ -140,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("wireguard-go-supervisor",
                        help="run wireguard-go for the devices the agent asks for (the Helm "
-                            "chart's sidecar)")
+                            "chart's wireguard-go pods)")
     from wgmanager.wireguard import supervisor
 
     supervisor.add_arguments(w)
@@ -170,7 +174,7 @@ def _node_flags(p: argparse.ArgumentParser) -> None:
                    help="wireguard-go UAPI socket directory (default $WGM_SOCKET_DIR, else "
                         "%(default)s)")
     p.add_argument("--no-spawn-userspace", dest="spawn_userspace", action="store_false",
-                   help="never start wireguard-go (a sidecar runs it)")
+                   help="never start wireguard-go (its own pod runs it)")
     p.add_argument("--pin-dir", type=Path,
                    default=_env_path("WGM_PIN_DIR") or config.DEFAULT_PIN_DIR,
                    help="bpffs directory for the datapath maps (default $WGM_PIN_DIR, else "

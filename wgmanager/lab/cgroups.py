@@ -70,6 +70,20 @@ def pids(name: str) -> set[int]:
     return found
 
 
+def pids_of_pod(name: str, pod_uid: str) -> set[int]:
+    """The processes of one pod under the kubelet cgroup root ``/name``: the kubelet's
+    cgroupfs driver names a pod's cgroup ``pod<UID>`` (under its QoS class's)."""
+    found: set[int] = set()
+    for d in _dirs(name):
+        if d.name == f"pod{pod_uid}":
+            found |= pids(str(d.relative_to(_hierarchy_of(d))))
+    return found
+
+
+def _hierarchy_of(path: Path) -> Path:
+    return next(h for h in hierarchies() if path.is_relative_to(h))
+
+
 def remove(name: str, timeout: float = 10.0) -> None:
     """SIGKILLs what still runs under ``/name``, then removes its cgroups bottom-up (a
     process leaves its cgroup when it exits, before anyone reaps it). Idempotent."""

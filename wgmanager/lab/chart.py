@@ -159,6 +159,29 @@ def wait_daemonset_ready(api: k8s.ApiClient, name: str, namespace: str = DEFAULT
         time.sleep(0.5)
 
 
+def wait_daemonsets_ready(api: k8s.ApiClient, release: Release, *, nodes: int | None = None,
+                          timeout: float = 300) -> float:
+    """Until every DaemonSet the release runs with encryption on (the agent's, and
+    wireguard-go's where the chart has one) is ready on every node; the seconds it took."""
+    apps: Any = k8s.AppsV1Api(api)
+    began = time.monotonic()
+    selector = f"app.kubernetes.io/instance={release.name}"
+    while True:
+        names = sorted(ds.metadata.name for ds in apps.list_namespaced_daemon_set(
+            release.namespace, label_selector=selector).items
+            if ds.metadata.labels.get("app.kubernetes.io/component") != "teardown")
+        if names:
+            break
+        if time.monotonic() - began > timeout:
+            raise ChartError(f"release {release.name} has no DaemonSet in "
+                             f"{release.namespace} after {timeout:.0f} s")
+        time.sleep(0.5)
+    for name in names:
+        left = max(1.0, timeout - (time.monotonic() - began))
+        wait_daemonset_ready(api, name, release.namespace, nodes=nodes, timeout=left)
+    return time.monotonic() - began
+
+
 def wait_daemonset_gone(api: k8s.ApiClient, selector: str, namespace: str = DEFAULT_NAMESPACE,
                         *, timeout: float = 120) -> float:
     """Until no pod matches ``selector`` (an uninstalled DaemonSet's pods have exited)."""

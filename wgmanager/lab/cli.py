@@ -6,14 +6,19 @@ import argparse
 import json
 import os
 import time
+from pathlib import Path
 from typing import Any
 
-from wgmanager.lab import topology
+from wgmanager.lab import kubelab, kubelets, topology
+from wgmanager.lab.kubelab import KubeLab
 from wgmanager.lab.lab import Lab, LabError
 
 
 def _progress(message: str) -> None:
     print(f"  - {message}", flush=True)
+
+
+AnyLab = Lab | KubeLab
 
 
 def run(args: argparse.Namespace) -> int:
@@ -23,11 +28,10 @@ def run(args: argparse.Namespace) -> int:
     if command == "up":
         return up(args)
     if command == "down":
-        lab = _load_or_bare(args)
-        done = lab.down()
+        done = _down(args)
         print("\n".join(done) if done else "nothing to remove: no lab found")
         return 0
-    lab = Lab.load(args.root)
+    lab = load(args.root)
     if command == "status":
         doc = lab.status()
         print(json.dumps(doc, indent=2) if args.json else render_status(doc))
@@ -38,34 +42,50 @@ def run(args: argparse.Namespace) -> int:
     return lab.exec(args.name, argv)
 
 
-def _existing(args: argparse.Namespace) -> Lab | None:
+def load(root: Path) -> AnyLab:
+    """Whichever lab is up under ``root``: the chart on real kubelets, or agent processes."""
+    if (root / kubelab.STATE_FILE).exists():
+        return KubeLab.load(root)
+    return Lab.load(root)
+
+
+def _existing(args: argparse.Namespace) -> AnyLab | None:
     """A healthy lab of the requested shape (repeat `up` is harmless), or None if there is
     no lab at all. Anything else, such as the remains of a crashed run, is a clear error."""
     try:
-        lab = Lab.load(args.root)
+        lab = load(args.root)
     except LabError:
         if topology.namespaces(args.prefix) or (args.root / "owner.pid").exists():
             raise LabError(f"a leftover lab (from a crashed or interrupted run) is in the way "
                            f"under {args.root}; remove it with `wgmanager lab down`") from None
         return None
-    shape = (len(lab.nodes), len(lab.nodes[0].pods) if lab.nodes else 0)
-    if shape != (args.nodes, args.pods_per_node):
-        raise LabError(f"a lab with {shape[0]} nodes x {shape[1]} pods is up; remove it "
-                       "with `wgmanager lab down` before building another shape")
-    dead = [n.name for n in lab.nodes if lab.agent_pid(n) is None]
-    if dead or not lab.cp_dir.exists():
-        raise LabError(f"the lab under {args.root} is broken (agents not running: "
-                       f"{', '.join(dead) or 'none'}); rebuild it: `wgmanager lab down` "
-                       "then `wgmanager lab up`")
+    kind = "daemonset" if isinstance(lab, KubeLab) else "processes"
+    nodes = lab.topology.nodes
+    shape = (len(nodes), len(nodes[0].pods) if nodes else 0)
+    if shape != (args.nodes, args.pods_per_node) or kind != args.agents:
+        raise LabError(f"a lab with {shape[0]} nodes x {shape[1]} pods (--agents {kind}) is "
+                       "up; remove it with `wgmanager lab down` before building another")
+    if isinstance(lab, KubeLab):
+        problems = lab.broken()
+    else:
+        problems = [f"{n.name}'s agent is not running" for n in lab.nodes
+                    if lab.agent_pid(n) is None]
+        if not lab.cp_dir.exists():
+            problems.append("its control plane is gone")
+    if problems:
+        raise LabError(f"the lab under {args.root} is broken ({'; '.join(problems)}); "
+                       "rebuild it: `wgmanager lab down` then `wgmanager lab up`")
     return lab
 
 
-def _load_or_bare(args: argparse.Namespace) -> Lab:
-    """`down` must work after any crash: with no readable state, clean up by prefix."""
+def _down(args: argparse.Namespace) -> list[str]:
+    """`down` must work after any crash: with no readable state, clean up by prefix, both
+    what real kubelets leave (processes, cgroups) and what agent processes leave."""
     try:
-        return Lab.load(args.root)
+        return load(args.root).down()
     except LabError:
-        return Lab(args.root, prefix=args.prefix)
+        done = kubelets.cleanup(args.root, args.prefix)
+        return done + Lab(args.root, prefix=args.prefix).down()
 
 
 def up(args: argparse.Namespace) -> int:
@@ -74,10 +94,18 @@ def up(args: argparse.Namespace) -> int:
         print(render_status(existing.status()))
         print("\nthe lab is already up (nothing to do); `wgmanager lab down` removes it")
         return 0
-    lab = Lab(args.root, prefix=args.prefix)
     started = time.monotonic()
-    print(f"wgmanager lab up: {args.nodes} nodes, {args.pods_per_node} pods each", flush=True)
-    lab.up(nodes=args.nodes, pods_per_node=args.pods_per_node, progress=_progress)
+    lab: AnyLab
+    if args.agents == "daemonset":
+        print(f"wgmanager lab up: {args.nodes} real kubelets, {args.pods_per_node} pods each, "
+              "the Helm chart's DaemonSet", flush=True)
+        lab = KubeLab(args.root, prefix=args.prefix)
+        lab.up(nodes=args.nodes, pods_per_node=args.pods_per_node, progress=_progress)
+    else:
+        print(f"wgmanager lab up: {args.nodes} nodes, {args.pods_per_node} pods each, one "
+              "agent process per node", flush=True)
+        lab = Lab(args.root, prefix=args.prefix)
+        lab.up(nodes=args.nodes, pods_per_node=args.pods_per_node, progress=_progress)
     doc = lab.status()
     print(render_status(doc))
     print(f"\nlab up in {time.monotonic() - started:.1f}s. Next: `wgmanager lab check`; "
@@ -86,7 +114,7 @@ def up(args: argparse.Namespace) -> int:
     return 0
 
 
-def check(lab: Lab) -> int:
+def check(lab: AnyLab) -> int:
     started = time.monotonic()
     report = lab.check(progress=_progress)
     rows = [("FROM", "TO", "FAMILY", "ICMP", "TCP")]
@@ -116,7 +144,34 @@ def render_status(doc: dict[str, Any]) -> str:
              f"{doc['kubeconfig']}",
              f"underlay: bridge {doc['underlay']['interface']} in netns "
              f"{doc['underlay']['netns']}", ""]
-    rows = [("NODE", "NETNS", "ADDRESS", "AGENT", "PEERS", "HANDSHAKES", "PODS")]
+    rows = _kubelet_rows(doc) if doc.get("agents") == "daemonset" else _process_rows(doc)
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+              for r in rows]
+    return "\n".join(lines)
+
+
+def _pods(node: dict[str, Any]) -> str:
+    return " ".join(f"{p['name']}={p['ipv4']}" for p in node["pods"])
+
+
+def _kubelet_rows(doc: dict[str, Any]) -> list[tuple[str, ...]]:
+    rows: list[tuple[str, ...]] = [("NODE", "READY", "ADDRESS", "AGENT POD", "PEERS",
+                                    "HANDSHAKES", "PODS")]
+    for n in doc["nodes"]:
+        agent = n["agent"]
+        state = ("ready" if agent["ready"] else "not ready") if agent["running"] else "down"
+        wg = n["wireguard"]
+        rows.append((n["name"], "yes" if n["ready"] else "no", n["ipv4"],
+                     f"{agent['pod'] or '-'} {state}, {agent['restarts']} restarts",
+                     f"{wg['peers']}/{wg['peers_expected']}", str(wg["handshakes"]),
+                     _pods(n)))
+    return rows
+
+
+def _process_rows(doc: dict[str, Any]) -> list[tuple[str, ...]]:
+    rows: list[tuple[str, ...]] = [("NODE", "NETNS", "ADDRESS", "AGENT", "PEERS",
+                                    "HANDSHAKES", "PODS")]
     for n in doc["nodes"]:
         agent = n["agent"]
         state = ("ready" if agent["ready"] else "not ready") if agent["running"] else "down"
@@ -128,10 +183,5 @@ def render_status(doc: dict[str, Any]) -> str:
         hs = f"{len(ages)} (newest {min(ages):.0f}s)" if ages else "none yet"
         rows.append((n["name"], n["netns"], n["ipv4"], f"{state} pid {agent['pid']}",
                      f"{len(peers)}/{expected if expected is not None else '?'}", hs,
-                     " ".join(f"{p['name']}={p['ipv4']}" for p in n["pods"])))
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-              for r in rows]
-    return "\n".join(lines)
-
-
+                     _pods(n)))
+    return rows

@@ -467,7 +467,7 @@ def cleanup_stale(root: Path) -> list[str]:
                 continue
             for program in PROGRAMS:
                 with contextlib.suppress(OSError, ValueError):
-                    pid = int((work_dir / f"{program}.pid").read_text().strip())
+                    pid = int((work_dir / f"{program}.pid").read_text().split()[0])
                     if pid in dict(_processes_under(work_dir)):
                         kill(pid)
             shutil.rmtree(work_dir, ignore_errors=True)

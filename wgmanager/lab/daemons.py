@@ -6,7 +6,7 @@ holder, containerd and a kubelet). Each lives by the same conventions, here once
     Daemons(work_dir, error=SomeError)
       spawn(program, argv)   its own session (outlives a crashed owner, never gets our
                              SIGINT), cwd = work dir, output to <program>.log, pid to
-                             <program>.pid
+                             <program>.pid (pid and start time)
       wait(program, probe)   polls until the probe says ready; fails fast when the process
                              exits, with the end of its log in the error
       terminate(program)     SIGTERM, then SIGKILL after a grace period
@@ -53,16 +53,27 @@ class Daemons:
                                     stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True)
         self._procs[program] = proc
-        (self.work_dir / f"{program}.pid").write_text(f"{proc.pid}\n")
+        # The start time makes the pid file unambiguous: pids are reused, start times not.
+        (self.work_dir / f"{program}.pid").write_text(f"{proc.pid} {start_time(proc.pid)}\n")
         return proc
 
     def running(self, program: str) -> bool:
-        proc = self._procs.get(program)
-        return proc is not None and proc.poll() is None
+        return self.pid(program) is not None
 
     def pid(self, program: str) -> int | None:
+        """The program's pid while it runs: spawned by this object, or by an earlier
+        process (a later `wgmanager lab` command), then found by its pid file and checked
+        by its start time, so a reused pid is never mistaken for it."""
         proc = self._procs.get(program)
-        return proc.pid if proc is not None and proc.poll() is None else None
+        if proc is not None:
+            return proc.pid if proc.poll() is None else None
+        try:
+            pid, started = (self.work_dir / f"{program}.pid").read_text().split()
+            if start_time(int(pid)) == started and alive(int(pid)):
+                return int(pid)
+        except (OSError, ValueError):
+            pass
+        return None
 
     def wait(self, program: str, probe: Callable[[], bool], timeout: float | None = None,
              ) -> None:
@@ -101,6 +112,13 @@ class Daemons:
 
     def terminate(self, program: str, grace: float = 10.0) -> None:
         proc = self._procs.pop(program, None)
+        if proc is None and (pid := self.pid(program)) is not None:  # an earlier run's
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + grace
+            while alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            kill(pid)
         if proc is not None and proc.poll() is None:
             proc.terminate()
             try:
@@ -136,6 +154,11 @@ def kill(pid: int, timeout: float = 10.0) -> None:
         if not alive(pid):
             return
         time.sleep(0.05)
+
+
+def start_time(pid: int) -> str:
+    """The process's start time in clock ticks since boot (``/proc/PID/stat`` field 22)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
 
 
 def alive(pid: int) -> bool:

@@ -370,7 +370,7 @@ class RealCluster:
             for kn in self.nodes:
                 kn.check_running()
             ready = {n.metadata.name for n in core.list_node().items
-                     if n.spec.pod_cidrs and _is_ready(n)}
+                     if n.spec.pod_cidrs and node_ready(n)}
             if names <= ready:
                 return time.monotonic() - began
             if time.monotonic() - began > self.ready_timeout:
@@ -401,7 +401,7 @@ class RealCluster:
         self.nodes = []
 
 
-def _is_ready(node: Any) -> bool:
+def node_ready(node: Any) -> bool:
     return any(c.type == "Ready" and c.status == "True"
                for c in (node.status.conditions or []))
 

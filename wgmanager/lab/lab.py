@@ -24,7 +24,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +34,9 @@ from wgmanager.core.keys import PublicKey
 from wgmanager.core.rotation import layout
 from wgmanager.errors import ConfigError, WgmError
 from wgmanager.keystore import KeyStore
-from wgmanager.lab import controlplane, topology, traffic
+from wgmanager.lab import controlplane, proof, topology
 from wgmanager.lab.capture import Capture, capture
+from wgmanager.lab.proof import CheckReport
 from wgmanager.lab.topology import Pod, SimNode, Topology
 from wgmanager.wireguard.userspace import UserspaceBackend
 
@@ -56,35 +56,6 @@ Progress = Callable[[str], None]
 
 class LabError(WgmError):
     pass
-
-
-@dataclass(frozen=True)
-class Pair:
-    src: str
-    dst: str
-    family: str
-    icmp: bool
-    tcp: bool
-
-    @property
-    def ok(self) -> bool:
-        return self.icmp and self.tcp
-
-
-@dataclass(frozen=True)
-class CheckReport:
-    pairs: tuple[Pair, ...]
-    plaintext_encrypted: int  # pod packets seen on the underlay with encryption on: must be 0
-    unexpected_encrypted: int  # anything but WireGuard/housekeeping/API traffic: must be 0
-    wireguard_packets: int
-    plaintext_inverted: int  # with the datapath detached: must be > 0
-    plaintext_restored: int  # after re-attaching: must be 0
-
-    @property
-    def ok(self) -> bool:
-        return (all(p.ok for p in self.pairs) and self.plaintext_encrypted == 0
-                and self.unexpected_encrypted == 0 and self.wireguard_packets > 0
-                and self.plaintext_inverted > 0 and self.plaintext_restored == 0)
 
 
 class Lab:
@@ -386,56 +357,27 @@ class Lab:
         return capture(topo.underlay_netns, topo.bridge, self.root / f"{name}.pcap",
                        wg_ports=(LISTEN_PORT, LISTEN_PORT + 1), pod_nets=CLUSTER_CIDRS)
 
+    @property
+    def pods(self) -> list[Pod]:
+        return self.topology.pods
+
     def check(self, progress: Progress = lambda _: None, tcp_port: int = 7070) -> CheckReport:
-        topo = self.topology
-        pairs: list[Pair] = []
-        progress("pod-to-pod over ICMP and TCP between every pair on different nodes, with an "
-                 "underlay capture")
-        with self.capture("check-encrypted") as enc:
-            for server in topo.pods:
-                clients = [p for p in topo.pods if p.node != server.node]
-                with traffic.tcp_server(server, tcp_port, count=len(clients) * 2):
-                    for client in clients:
-                        for fam in ("ipv4", "ipv6"):
-                            dst = getattr(server, fam)
-                            icmp = traffic.reaches(client, dst)
-                            tcp = bool(traffic.tcp_send(client, dst, tcp_port, 16384)["ok"])
-                            pairs.append(Pair(client.name, server.name, fam, icmp, tcp))
-        plain_enc = enc.plaintext_pod_packets()
-        unexpected = enc.unexpected_packets()
-        wg = enc.wireguard_packets()
-        progress("sanity inversion: datapath detached on every node, same traffic")
-        self._detach_all()
-        try:
-            with self.capture("check-inverted") as inv:
-                self._sample_traffic()
-        finally:
-            progress("re-attaching (agents reconcile on SIGHUP)")
-            self.signal_agents(signal.SIGHUP)
-            await_condition(self._all_attached, 60, "every agent to re-attach its datapath")
-        with self.capture("check-restored") as again:
-            self._sample_traffic()
-        return CheckReport(tuple(pairs), plain_enc, unexpected, wg,
-                           inv.plaintext_pod_packets(), again.plaintext_pod_packets())
+        return proof.check(self, progress, tcp_port)
 
-    def _sample_traffic(self) -> None:
-        pods = self.topology.pods
-        for a in pods:
-            for b in pods:
-                if a.node != b.node:
-                    traffic.ping(a, b.ipv4, count=1, wait=1)
-                    traffic.ping(a, b.ipv6, count=1, wait=1)
-
-    def _tc(self, node: SimNode, args: list[str]) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["ip", "netns", "exec", node.netns, "tc", *args],
-                              capture_output=True, text=True, check=False)
-
-    def _detach_all(self) -> None:
+    def detach_datapaths(self) -> None:
         for node in self.nodes:
             self._tc(node, ["filter", "del", "dev", "eth0", "egress", "pref", "10"])
             for pod in node.pods:
                 self._tc(node, ["filter", "del", "dev", pod.host_ifname, "ingress", "pref",
                                 "10"])
+
+    def reattach_datapaths(self) -> None:
+        self.signal_agents(signal.SIGHUP)
+        await_condition(self._all_attached, 60, "every agent to re-attach its datapath")
+
+    def _tc(self, node: SimNode, args: list[str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["ip", "netns", "exec", node.netns, "tc", *args],
+                              capture_output=True, text=True, check=False)
 
     def _all_attached(self) -> bool:
         for node in self.nodes:
@@ -488,12 +430,8 @@ class Lab:
     # -- state ----------------------------------------------------------------------------
 
     def _save(self) -> None:
-        topo = self.topology
         doc = {"prefix": self.prefix, "pin_root": str(self.pin_root),
-               "topology": {"prefix": topo.prefix, "underlay_netns": topo.underlay_netns,
-                            "bridge": topo.bridge, "pod_mtu": topo.pod_mtu,
-                            "host_address": topo.host_address,
-                            "nodes": [asdict(n) for n in topo.nodes]}}
+               "topology": topology.to_doc(self.topology)}
         tmp = self.state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(doc, indent=2))
         tmp.replace(self.state_file)
@@ -508,11 +446,7 @@ class Lab:
             raise LabError(f"{root / 'lab.json'} is corrupt ({e.msg}); remove the lab with "
                            "`wgmanager lab down`") from None
         lab = cls(root, prefix=doc["prefix"], pin_root=Path(doc["pin_root"]).parent)
-        t = doc["topology"]
-        nodes = tuple(SimNode(**{**n, "pods": tuple(Pod(**p) for p in n["pods"])})
-                      for n in t["nodes"])
-        lab.topo = Topology(t["prefix"], t["underlay_netns"], t["bridge"], nodes, t["pod_mtu"],
-                            t["host_address"])
+        lab.topo = topology.from_doc(doc["topology"])
         return lab
 
     # -- down -----------------------------------------------------------------------------

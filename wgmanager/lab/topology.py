@@ -20,7 +20,7 @@ import contextlib
 import os
 import subprocess
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 UNDERLAY_MTU = 1500
@@ -71,6 +71,20 @@ class Topology:
 
     def cross_node_pairs(self) -> list[tuple[Pod, Pod]]:
         return [(a, b) for a in self.pods for b in self.pods if a.node != b.node]
+
+
+def to_doc(topo: Topology) -> dict[str, Any]:
+    """The topology as JSON-able data: what a lab saves so later commands can find it."""
+    return {"prefix": topo.prefix, "underlay_netns": topo.underlay_netns,
+            "bridge": topo.bridge, "pod_mtu": topo.pod_mtu, "host_address": topo.host_address,
+            "nodes": [asdict(n) for n in topo.nodes]}
+
+
+def from_doc(doc: dict[str, Any]) -> Topology:
+    nodes = tuple(SimNode(**{**n, "pods": tuple(Pod(**p) for p in n["pods"])})
+                  for n in doc["nodes"])
+    return Topology(doc["prefix"], doc["underlay_netns"], doc["bridge"], nodes,
+                    doc["pod_mtu"], doc["host_address"])
 
 
 def run(args: Sequence[str], *, check: bool = True, input: str | None = None,

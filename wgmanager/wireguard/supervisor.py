@@ -1,13 +1,14 @@
-"""The wireguard-go supervisor: the main process of the agent pod's wireguard-go sidecar.
+"""The wireguard-go supervisor: the main process of the Helm chart's wireguard-go pods.
 
-Why a sidecar: in Kubernetes a container restart ends every process in the container, so a
-wireguard-go started by the agent would die with each agent restart, taking the tunnels
-with it. In its own container it survives them. Why a supervisor rather than a fixed
+Why a pod of its own: in Kubernetes a container restart ends every process in the
+container, and deleting a pod every process in the pod, so a wireguard-go started by the
+agent would die with each agent restart, deletion or upgrade, taking the tunnels with it.
+In its own DaemonSet's pod it survives them all (the chart's wireguard-go-daemonset.yaml). Why a supervisor rather than a fixed
 ``wireguard-go wgm0``: the agent needs devices on demand (key rotation runs a second
 device, ``<interface>r``, for a while), and a dead wireguard-go must come back without
 waiting for the agent.
 
-The protocol lives in files on the socket directory both containers mount:
+The protocol lives in files on the socket directory both pods mount (a host path):
 
 - the agent (``UserspaceBackend(spawn=False)``) writes ``<dir>/<ifname>.want`` and waits
   for ``<dir>/<ifname>.sock``;
@@ -23,7 +24,7 @@ of files that costs nothing measurable, and it works on every filesystem a hostP
 On SIGTERM the supervisor stops its wireguard-go processes and exits; it does not try to
 leave them running. A container's processes cannot outlive it anyway, and SIGTERM means
 the pod is going away or being replaced (an upgrade). Stopping them in order lets
-wireguard-go remove its socket. Until the next sidecar starts the devices again, the
+wireguard-go remove its socket. Until the next supervisor starts the devices again, the
 agent's eBPF datapath drops remote pod traffic instead of sending it unencrypted (the
 redirect target is gone, and the reconciler writes DROP for peers that are not ready).
 """

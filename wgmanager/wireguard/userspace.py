@@ -201,10 +201,10 @@ class UserspaceBackend:
         if not _await(self.device_exists, self.timeout, interval=0.05):
             raise BackendUnavailable(
                 f"no wireguard-go socket at {self.socket_path} {self.timeout:.0f}s after "
-                f"asking for it in {self.want_path}; is the wireguard-go sidecar "
+                f"asking for it in {self.want_path}; is wireguard-go's supervisor "
                 f"(wgmanager wireguard-go-supervisor --socket-dir {self.socket_dir}) "
                 "running? Check its log")
-        log.info("wireguard-go started by the sidecar", extra={"ifname": self.ifname})
+        log.info("wireguard-go started by its supervisor", extra={"ifname": self.ifname})
 
     def _withdraw_from_sidecar(self) -> None:
         try:
@@ -214,7 +214,7 @@ class UserspaceBackend:
         # Done when the socket is gone: wireguard-go closes it first on SIGTERM, then (within
         # milliseconds) its TUN and UDP socket; the supervisor reaps it before any restart.
         if not _await(lambda: not self.device_exists(), self.timeout, interval=0.05):
-            raise DeviceError(f"the wireguard-go sidecar did not stop {self.ifname} within "
+            raise DeviceError(f"wireguard-go's supervisor did not stop {self.ifname} within "
                               f"{self.timeout:.0f}s of removing {self.want_path}; check its "
                               "log")
 

@@ -63,7 +63,7 @@ restrict it elsewhere with a ResourceQuota, so elsewhere it is only used when as
 {{- end }}
 {{- end }}
 
-{{/* Host paths, in one place: the agent, the sidecar and teardown must agree on them. */}}
+{{/* Host paths, in one place: the agent, wireguard-go and teardown must agree on them. */}}
 {{- define "wgmanager.stateDir" -}}/var/lib/wgmanager{{- end }}
 {{- define "wgmanager.socketDir" -}}/var/run/wireguard{{- end }}
 {{- define "wgmanager.bpffs" -}}/sys/fs/bpf{{- end }}
@@ -78,12 +78,12 @@ restrict it elsewhere with a ResourceQuota, so elsewhere it is only used when as
 {{- end }}
 {{- end }}
 
-{{/* userspaceFallback -> the agent's --backend; a sidecar unless it is "never". */}}
+{{/* userspaceFallback -> the agent's --backend; a wireguard-go DaemonSet unless "never". */}}
 {{- define "wgmanager.backend" -}}
 {{- get (dict "auto" "auto" "always" "userspace" "never" "kernel") .Values.encryption.wireguard.userspaceFallback }}
 {{- end }}
 
-{{- define "wgmanager.sidecar" -}}
+{{- define "wgmanager.wireguardGo" -}}
 {{- if ne .Values.encryption.wireguard.userspaceFallback "never" }}true{{- end }}
 {{- end }}
 
@@ -138,7 +138,7 @@ The chart's tests parse exactly this list with the agent's own argument parser.
 - {{ printf "--fail-mode=%s" (ternary "closed" "open" .Values.encryption.failClosed) | quote }}
 - {{ printf "--key-rotation-interval=%s" (toString .Values.encryption.keyRotationInterval) | quote }}
 - {{ printf "--backend=%s" (include "wgmanager.backend" .) | quote }}
-{{- if include "wgmanager.sidecar" . }}
+{{- if include "wgmanager.wireguardGo" . }}
 - "--no-spawn-userspace"
 {{- end }}
 - {{ printf "--socket-dir=%s" (include "wgmanager.socketDir" .) | quote }}
