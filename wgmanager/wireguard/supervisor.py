@@ -3,10 +3,10 @@
 Why a pod of its own: in Kubernetes a container restart ends every process in the
 container, and deleting a pod every process in the pod, so a wireguard-go started by the
 agent would die with each agent restart, deletion or upgrade, taking the tunnels with it.
-In its own DaemonSet's pod it survives them all (the chart's wireguard-go-daemonset.yaml). Why a supervisor rather than a fixed
-``wireguard-go wgm0``: the agent needs devices on demand (key rotation runs a second
-device, ``<interface>r``, for a while), and a dead wireguard-go must come back without
-waiting for the agent.
+In its own DaemonSet's pod it survives them all (the chart's wireguard-go-daemonset.yaml).
+Why a supervisor rather than a fixed ``wireguard-go wgm0``: the agent needs devices on
+demand (key rotation runs a second device, ``<interface>r``, for a while), and a dead
+wireguard-go must come back without waiting for the agent.
 
 The protocol lives in files on the socket directory both pods mount (a host path):
 
