@@ -19,6 +19,7 @@ The tests run in file order and share the lab.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import subprocess
 import sys
@@ -106,8 +107,9 @@ def test_exec_reaches_pods_and_nodes_and_never_shows_the_private_key(
     res = cli("exec", "node1", "--", "wg", "show", "all")
     assert res.returncode == 0 and "peer:" in res.stdout, res.stdout + res.stderr
     assert "(hidden)" in res.stdout  # wg hides it; nothing of ours prints it either
-    status = cli("exec", "node1", "--", str(Path(sys.executable).parent / "wgmanager"),
-                 "status", "--json")
+    # A path relative to the caller's directory works inside the node too (README).
+    wgmanager = os.path.relpath(Path(sys.executable).parent / "wgmanager")
+    status = cli("exec", "node1", "--", wgmanager, "status", "--json")
     assert status.returncode == 0, status.stderr
     assert json.loads(status.stdout)["peers"], status.stdout
 

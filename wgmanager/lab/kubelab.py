@@ -317,7 +317,11 @@ class KubeLab:
             if sim.name == name:
                 env = {**os.environ, "NODE_NAME": name,
                        "KUBECONFIG": str(self.admin_kubeconfig)}
-                return subprocess.call([*self.node(name).enter(), *argv], env=env)
+                enter = self.node(name).enter()  # ends with "--"
+                # Entering a mount namespace starts in its "/": keep the caller's directory
+                # (`lab exec node1 -- .venv/bin/wgmanager status`).
+                return subprocess.call([*enter[:-1], f"--wd={Path.cwd()}", "--", *argv],
+                                       env=env)
             for pod in sim.pods:
                 if pod.name == name:
                     return subprocess.call(["ip", "netns", "exec", pod.netns, *argv])
