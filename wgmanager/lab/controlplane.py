@@ -120,6 +120,24 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+@dataclass(frozen=True, slots=True)
+class ClusterTrust:
+    """What a node needs to join the cluster: where the API is and the CA that signs its
+    certificates (also for a control plane started by an earlier process)."""
+
+    url: str
+    ca_cert: Path
+    ca_key: Path
+
+    @classmethod
+    def of(cls, work_dir: Path, url: str) -> ClusterTrust:
+        """The trust of the control plane whose files are under ``work_dir``."""
+        return cls(url, work_dir / "ca.crt", work_dir / "ca.key")
+
+    def ca(self) -> CertificateAuthority:
+        return CertificateAuthority.load(self.ca_cert, self.ca_key)
+
+
 class ControlPlane:
     def __init__(self, work_dir: Path, *, bind_address: str = "127.0.0.1",
                  secure_port: int = 6443, etcd_client_port: int | None = None,
@@ -158,12 +176,16 @@ class ControlPlane:
         return f"http://127.0.0.1:{self.etcd_client_port}"
 
     @property
+    def trust(self) -> ClusterTrust:
+        return ClusterTrust.of(self.work_dir, self.url)
+
+    @property
     def ca_cert(self) -> Path:
-        return self.work_dir / "ca.crt"
+        return self.trust.ca_cert
 
     @property
     def ca_key(self) -> Path:
-        return self.work_dir / "ca.key"
+        return self.trust.ca_key
 
     @property
     def admin_kubeconfig(self) -> Path:
@@ -171,7 +193,7 @@ class ControlPlane:
 
     def ca(self) -> CertificateAuthority:
         """The cluster CA (written by start()): what signs kubelets' certificates too."""
-        return CertificateAuthority.load(self.ca_cert, self.ca_key)
+        return self.trust.ca()
 
     def add_token(self, user: str, groups: Sequence[str] = ()) -> str:
         """A bearer token for ``user`` in ``groups``. kube-apiserver reads the token file only

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 from collections.abc import Callable, Sequence
@@ -31,13 +32,15 @@ from kubernetes import config as k8s_config
 
 from wgmanager.errors import ConfigError
 from wgmanager.kube.translate import PUBLIC_KEY_ANNOTATION
-from wgmanager.lab import cgroups, chart, kubelets, proof, topology
+from wgmanager.lab import cgroups, chart, kubelets, nodenet, proof, topology
 from wgmanager.lab.capture import Capture, capture
+from wgmanager.lab.controlplane import ClusterTrust
 from wgmanager.lab.kubelets import KubeNode, RealCluster
 from wgmanager.lab.lab import LabError, await_condition
 from wgmanager.lab.topology import Pod, SimNode, Topology
 
 STATE_FILE = "kubelab.json"
+API_PORT = 6443
 IMAGES = ("pause", "busybox", "wgmanager")
 WG_PORTS = (51820, 51821)  # the chart's listenPort and rotationListenPort
 AGENT_SELECTOR = "app.kubernetes.io/component=agent"
@@ -138,13 +141,15 @@ class KubeLab:
                 self.down()
             raise
 
-    def _start_pods(self, per_node: int, timeout: float) -> None:
+    def _start_pods(self, per_node: int, timeout: float,
+                    only: Sequence[str] | None = None) -> None:
+        """``per_node`` busybox pods on every node (or those named in ``only``)."""
         core = self.core
         await_condition(lambda: core.list_namespaced_service_account(POD_NAMESPACE).items,
                         timeout, "the default ServiceAccount (pods need it)", 0.5)
         busybox = kubelets.images(["busybox"])[0].ref
         names = {sim.name: [f"{sim.name}-pod{j}" for j in range(1, per_node + 1)]
-                 for sim in self.topology.nodes}
+                 for sim in self.topology.nodes if only is None or sim.name in only}
         for node, pods in names.items():
             for name in pods:
                 core.create_namespaced_pod(POD_NAMESPACE, {
@@ -156,8 +161,8 @@ class KubeLab:
         nodes = []
         for sim in self.topology.nodes:
             attached = tuple(self._attach_pod(sim, j, name, timeout)
-                             for j, name in enumerate(names[sim.name], start=1))
-            nodes.append(SimNode(**{**_fields(sim), "pods": attached}))
+                             for j, name in enumerate(names.get(sim.name, []), start=1))
+            nodes.append(SimNode(**{**_fields(sim), "pods": sim.pods + attached}))
         self.topo = Topology(**{**_fields(self.topology), "nodes": tuple(nodes)})
 
     def _attach_pod(self, sim: SimNode, index: int, name: str, timeout: float) -> Pod:
@@ -182,6 +187,42 @@ class KubeLab:
         ipv4 = next(a for a in ips if ":" not in a)
         ipv6 = next((a for a in ips if ":" in a), "")
         return Pod(name, netns, sim.name, host_ifname, ipv4, ipv6)
+
+    # -- nodes joining and leaving --------------------------------------------------------
+
+    def add_node(self, *, pods: int = 1, timeout: float = 300.0) -> SimNode:
+        """A new node joins as in a real cluster: its namespace on the underlay, containerd,
+        a kubelet that registers its Node; routes to and from it; then its pods. The
+        DaemonSets place their pods on it by themselves (the caller waits for them)."""
+        topo = self.topology
+        index = max(n.index for n in topo.nodes) + 1
+        self.topo = topology.add_node(topo, index)
+        sim = self.topology.nodes[-1]
+        self._save()  # `down` finds it even if the rest fails
+        nodenet.dead_end_route(sim.netns)
+        trust = ClusterTrust.of(self.root / "controlplane",
+                                f"https://{topo.host_address}:{API_PORT}")
+        wanted = kubelets.images(["pause", *(n for n in IMAGES if n != "pause")])
+        joined = kubelets.start_nodes([sim], self.root, trust, prefix=self.prefix,
+                                      pod_mtu=topo.pod_mtu, images=wanted, timings={})
+        self.nodes.append(joined[0])
+        kubelets.wait_ready(self.api, joined, timeout, self.root)
+        kubelets.sync_routes(self.api, self.topology, API_PORT)
+        self._start_pods(pods, timeout, only=[sim.name])
+        self._save()
+        return self.topology.node(sim.name)
+
+    def remove_node(self, name: str) -> None:
+        """A node leaves: its kubelet, containerd and pods stop and its Node is deleted (as
+        `kubectl delete node` after draining a machine that is gone)."""
+        kn = self.node(name)
+        kn.stop()
+        with contextlib.suppress(k8s.ApiException):
+            self.core.delete_node(name)
+        self.nodes.remove(kn)
+        self.topo = topology.remove_node(self.topology, name)
+        shutil.rmtree(kn.dir, ignore_errors=True)
+        self._save()
 
     # -- what the nodes hold ----------------------------------------------------------------
 
@@ -265,7 +306,7 @@ class KubeLab:
             })
         return {"schema": 1, "agents": "daemonset", "prefix": self.prefix,
                 "root": str(self.root), "kubeconfig": str(self.admin_kubeconfig),
-                "apiserver": f"https://{topo.host_address}:6443",
+                "apiserver": f"https://{topo.host_address}:{API_PORT}",
                 "underlay": {"netns": topo.underlay_netns, "interface": topo.bridge,
                              "host_address": topo.host_address},
                 "cluster_cidrs": list(self.cluster_cidrs), "nodes": nodes}

@@ -61,7 +61,7 @@ from kubernetes import client as k8s
 
 from wgmanager.errors import EnvironmentProblem, WgmError
 from wgmanager.lab import cgroups, controlplane, nodenet, topology
-from wgmanager.lab.controlplane import ControlPlane, kube_binary, require_binary
+from wgmanager.lab.controlplane import ClusterTrust, ControlPlane, kube_binary, require_binary
 from wgmanager.lab.daemons import Daemons, kill, processes_under
 from wgmanager.lab.nodeconfig import (
     NODE_KUBECONFIG,
@@ -157,7 +157,7 @@ class KubeNode:
 
     # -- start ------------------------------------------------------------------------------
 
-    def prepare(self, cp: ControlPlane) -> None:
+    def prepare(self, cp: ClusterTrust) -> None:
         """Credentials, config files and the cgroup root; nothing runs yet."""
         lay = self.layout
         for d in (*lay.mounted_dirs.values(), lay.cni_conf_dir, lay.containerd_dir / "opt"):
@@ -331,21 +331,12 @@ class RealCluster:
                                        bind_address=self.topo.host_address, secure_port=6443,
                                        controllers=True)
                 self.cp.start()
-            self.nodes = [KubeNode(sim, self.root / "nodes" / sim.name, prefix=self.prefix,
-                                   pod_mtu=self.topo.pod_mtu, sandbox_image=wanted[0].ref)
-                          for sim in self.topo.nodes]
-            with self._timed("containerd"):
-                progress("containerd per node")
-                for kn in self.nodes:
-                    kn.prepare(self.cp)
-                _parallel([kn.start_runtime for kn in self.nodes])
-            with self._timed("images"):
-                progress(f"importing {', '.join(i.ref for i in wanted)}")
-                _parallel([functools.partial(kn.import_images, wanted) for kn in self.nodes])
+            self.nodes = start_nodes(self.topo.nodes, self.root, self.cp.trust,
+                                     prefix=self.prefix,
+                                     pod_mtu=self.topo.pod_mtu, images=wanted,
+                                     timings=self.timings, progress=progress)
             with self._timed("kubelets"):
                 progress("kubelets: waiting for every Node to be Ready")
-                for kn in self.nodes:
-                    kn.start_kubelet()
                 self.wait_ready()
             with self._timed("routes"):
                 self.sync_routes()
@@ -363,32 +354,12 @@ class RealCluster:
     def wait_ready(self) -> float:
         """Until every node's Node is Ready and has its podCIDRs; fails fast (with the log)
         when a kubelet or containerd exits."""
-        core: Any = k8s.CoreV1Api(self.api)
-        began = time.monotonic()
-        names = {kn.node.name for kn in self.nodes}
-        while True:
-            for kn in self.nodes:
-                kn.check_running()
-            ready = {n.metadata.name for n in core.list_node().items
-                     if n.spec.pod_cidrs and node_ready(n)}
-            if names <= ready:
-                return time.monotonic() - began
-            if time.monotonic() - began > self.ready_timeout:
-                raise KubeletError(f"nodes not Ready after {self.ready_timeout:.0f} s: "
-                                   f"{', '.join(sorted(names - ready))}; see the kubelet logs "
-                                   f"under {self.root / 'nodes'}")
-            time.sleep(0.5)
-
-    def pod_cidrs(self) -> dict[str, list[str]]:
-        core: Any = k8s.CoreV1Api(self.api)
-        return {n.metadata.name: list(n.spec.pod_cidrs or []) for n in core.list_node().items}
+        return wait_ready(self.api, self.nodes, self.ready_timeout, self.root)
 
     def sync_routes(self) -> None:
         """Routes each node's podCIDRs from every other node and the API Service DNAT."""
-        assert self.topo is not None and self.topo.host_address and self.cp is not None
-        nodenet.sync_routes(self.topo, self.pod_cidrs())
-        for sim in self.topo.nodes:
-            nodenet.service_dnat(sim.netns, self.topo.host_address, self.cp.secure_port)
+        assert self.topo is not None and self.cp is not None
+        sync_routes(self.api, self.topo, self.cp.secure_port)
 
     def stop(self) -> None:
         """Removes everything: nodes, control plane, namespaces, cgroups, files."""
@@ -399,6 +370,61 @@ class RealCluster:
             self.cp.stop()
         cleanup(self.root, self.prefix)
         self.nodes = []
+
+
+def start_nodes(sims: Sequence[SimNode], root: Path, cp: ClusterTrust, *, prefix: str,
+                pod_mtu: int, images: Sequence[Image], timings: dict[str, float],
+                progress: Progress = lambda _: None) -> list[KubeNode]:
+    """containerd, the images and a kubelet on each of ``sims`` (a cluster's first nodes, or
+    one joining later); returns without waiting for the Nodes to be Ready. ``images`` starts
+    with the pause image."""
+    nodes = [KubeNode(sim, root / "nodes" / sim.name, prefix=prefix, pod_mtu=pod_mtu,
+                      sandbox_image=images[0].ref) for sim in sims]
+    began = time.monotonic()
+    progress("containerd per node")
+    for kn in nodes:
+        kn.prepare(cp)
+    _parallel([kn.start_runtime for kn in nodes])
+    timings["containerd"] = time.monotonic() - began
+    began = time.monotonic()
+    progress(f"importing {', '.join(i.ref for i in images)}")
+    _parallel([functools.partial(kn.import_images, images) for kn in nodes])
+    timings["images"] = time.monotonic() - began
+    for kn in nodes:
+        kn.start_kubelet()
+    return nodes
+
+
+def wait_ready(api: k8s.ApiClient, nodes: Sequence[KubeNode], timeout: float,
+               root: Path) -> float:
+    """Until every one of ``nodes`` is Ready with its podCIDRs; fails fast (with the log)
+    when one's kubelet or containerd exits. The seconds it took."""
+    core: Any = k8s.CoreV1Api(api)
+    began = time.monotonic()
+    names = {kn.node.name for kn in nodes}
+    while True:
+        for kn in nodes:
+            kn.check_running()
+        ready = {n.metadata.name for n in core.list_node().items
+                 if n.spec.pod_cidrs and node_ready(n)}
+        if names <= ready:
+            return time.monotonic() - began
+        if time.monotonic() - began > timeout:
+            raise KubeletError(f"nodes not Ready after {timeout:.0f} s: "
+                               f"{', '.join(sorted(names - ready))}; see the kubelet logs "
+                               f"under {root / 'nodes'}")
+        time.sleep(0.5)
+
+
+def sync_routes(api: k8s.ApiClient, topo: Topology, api_port: int) -> None:
+    """Each node's routes to the other nodes' podCIDRs (from their Nodes) and to the API
+    Service: what a routed CNI and kube-proxy would set up."""
+    assert topo.host_address is not None
+    core: Any = k8s.CoreV1Api(api)
+    cidrs = {n.metadata.name: list(n.spec.pod_cidrs or []) for n in core.list_node().items}
+    nodenet.sync_routes(topo, cidrs)
+    for sim in topo.nodes:
+        nodenet.service_dnat(sim.netns, topo.host_address, api_port)
 
 
 def node_ready(node: Any) -> bool:

@@ -149,6 +149,31 @@ def create(prefix: str, *, nodes: int = 3, pods_per_node: int = 2,
         raise
 
 
+def add_node(topo: Topology, index: int) -> Topology:
+    """A node joining a running topology (no pods, no pod routes: real kubelets'), on the
+    same underlay; the topology with it."""
+    if topo.host_address is None:
+        raise ValueError("nodes join only a topology linked to this machine")
+    underlay = topo.host_address.rsplit(".", 1)[0]
+    node = _create_node(topo.prefix, topo.underlay_netns, index, 0, topo.pod_mtu, underlay)
+    return Topology(topo.prefix, topo.underlay_netns, topo.bridge, (*topo.nodes, node),
+                    topo.pod_mtu, topo.host_address)
+
+
+def remove_node(topo: Topology, name: str) -> Topology:
+    """Kills what runs in the node's namespaces (its own and its pods'), deletes them; the
+    topology without it."""
+    node = topo.node(name)
+    for ns in [p.netns for p in node.pods] + [node.netns]:
+        for pid in pids_in(ns):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+        run(["ip", "netns", "del", ns], check=False)
+    return Topology(topo.prefix, topo.underlay_netns, topo.bridge,
+                    tuple(n for n in topo.nodes if n.name != name), topo.pod_mtu,
+                    topo.host_address)
+
+
 def _create_node(prefix: str, ul: str, i: int, pods_per_node: int, pod_mtu: int,
                  underlay: str) -> SimNode:
     ns = f"{prefix}-n{i}"
