@@ -11,9 +11,12 @@ the agent's own word:
   and the new agent takes over the pinned maps and the device as they are;
 - `helm upgrade` that changes a value: every agent pod is replaced, one node at a time,
   with pings crossing every node pair: none lost;
-- a node joining (a new kubelet): the DaemonSets start on it, every node peers with it,
-  and its pod reaches every other pod with 0 plaintext on the wire; deleted again, it stops
-  being a peer everywhere;
+- a node joining (a new kubelet, registered with the startup taint): the DaemonSets start
+  on it, every node peers with it, and a pod that pings from its first moment never puts a
+  plaintext packet on the wire (no pod runs there before the agent is Ready and the
+  controller lifts the taint); the sanity check, a node joining without the taint, shows
+  the detector sees the leak the taint prevents; deleted, a node stops being a peer
+  everywhere;
 - `lab down` leaves nothing: processes, mounts, cgroups, namespaces, files.
 
 The tests run in file order and share the lab.
@@ -35,7 +38,7 @@ import pytest
 from tests.integration.harness import RUN_ROOT
 from wgmanager.lab import chart, kubelets, traffic
 from wgmanager.lab.kubelab import AGENT_SELECTOR, KubeLab
-from wgmanager.lab.lab import await_condition
+from wgmanager.lab.lab import LabError, await_condition
 
 NODES = 3
 # Each ping outlasts what it watches (measured: a new agent Ready 17-24 s after the delete,
@@ -65,6 +68,10 @@ def cli() -> Iterator[LabCLI]:
         print(res.stdout)
         assert res.returncode == 0, res.stdout + res.stderr
         print(f"lab up: {time.monotonic() - began:.1f} s")
+        # This process owns the lab from now on (it takes it down), so that a concurrent
+        # session's sweep of crashed runs (harness.remove_stale_runs) leaves it alone:
+        # the `lab up` process that wrote the owner file has exited.
+        (lab.root / "owner.pid").write_text(f"{os.getpid()}\n")
         yield lab
     finally:
         lab("down")
@@ -181,19 +188,71 @@ def test_helm_upgrade_rolls_every_agent_and_loses_no_packet(lab: KubeLab) -> Non
     assert "--log-level=debug" in args
 
 
-def test_a_joining_node_gets_peers_everywhere_and_its_pods_are_encrypted(lab: KubeLab) -> None:
+def await_converged(lab: KubeLab, what: str, timeout: float = 90) -> None:
+    """Every node peers with every other; on timeout, what each node holds and publishes."""
+    try:
+        await_condition(lab.converged, timeout, what, 0.5)
+    except LabError:
+        keys = lab.published_keys()
+        held = {kn.node.name: lab.wireguard(kn.node.name)["peers"] for kn in lab.nodes}
+        agents = {n: (p.metadata.name, chart.pod_ready(p)) for n, p in lab.agent_pods().items()}
+        raise AssertionError(f"timed out waiting for {what}: published keys {keys}; "
+                             f"peers held {held}; agent pods {agents}") from None
+
+
+# A pod that talks from its first moment: one echo every 50 ms to a pod on another node.
+CHATTY = "while :; do ping -c 1 -W 1 {dst} >/dev/null 2>&1; sleep 0.05; done"
+
+
+def join_with_a_chatty_pod(lab: KubeLab, *, startup_taint: bool) -> tuple[str, int]:
+    """A node joins and, as soon as it is Ready, gets a pod that pings a pod on another node
+    from its first moment; returns the node's name and how many of its pods' packets the
+    underlay carried in plaintext from the join until its agent was Ready and peered."""
+    dst = lab.pods[0].ipv4
+    with lab.capture(f"join-{'tainted' if startup_taint else 'untainted'}") as cap:
+        node = lab.add_node(pods=0, startup_taint=startup_taint)
+        busybox = kubelets.images(["busybox"])[0].ref
+        lab.core.create_namespaced_pod("default", {
+            "metadata": {"name": f"{node.name}-chatty"},
+            "spec": {"nodeSelector": {"kubernetes.io/hostname": node.name},
+                     "terminationGracePeriodSeconds": 0,
+                     "containers": [{"name": "main", "image": busybox,
+                                     "command": ["sh", "-c", CHATTY.format(dst=dst)]}]}})
+        chart.wait_daemonsets_ready(lab.api, lab.release, nodes=len(lab.nodes), timeout=180)
+        await_converged(lab, f"every node to peer with {node.name}")
+        await_condition(lambda: lab.core.read_namespaced_pod(
+            f"{node.name}-chatty", "default").status.phase == "Running", 60,
+            f"{node.name}-chatty to run", 0.5)
+        time.sleep(2)  # a few more echoes, now through the tunnel
+    cidrs = lab.core.read_node(node.name).spec.pod_cidrs
+    return node.name, cap.count(" or ".join(f"net {c}" for c in cidrs))
+
+
+def test_without_the_startup_taint_a_new_nodes_first_packets_leave_in_plaintext(
+        lab: KubeLab) -> None:
+    """The sanity check of the next test (the detector sees the gap the taint closes): a
+    node registered without the taint runs pods before its agent is Ready."""
+    name, plaintext = join_with_a_chatty_pod(lab, startup_taint=False)
+    print(f"untainted join: {plaintext} plaintext packets from {name}'s pods")
+    lab.remove_node(name)
+    await_converged(lab, f"{name} to leave every node")
+    assert plaintext > 0
+
+
+def test_a_joining_node_gets_peers_everywhere_and_its_pods_are_encrypted_from_the_first_packet(
+        lab: KubeLab) -> None:
     began = time.monotonic()
-    node4 = lab.add_node(pods=1)
-    chart.wait_daemonsets_ready(lab.api, lab.release, nodes=NODES + 1, timeout=180)
-    await_condition(lab.converged, 60, "every node to peer with node4 and node4 with all", 0.5)
-    print(f"node4: kubelet started -> its agent Ready and peered everywhere: "
+    name, plaintext = join_with_a_chatty_pod(lab, startup_taint=True)
+    print(f"{name}: kubelet started -> its agent Ready, peered everywhere, taint removed: "
           f"{time.monotonic() - began:.1f} s")
+    assert plaintext == 0
+    assert name not in lab.tainted_nodes()
     keys = lab.published_keys()
     for kn in lab.nodes:
         assert set(lab.wireguard(kn.node.name)["peers"]) == {
             k for n, k in keys.items() if n != kn.node.name}
-    new_pod = node4.pods[0]
-    others = [p for p in lab.pods if p.node != node4.name]
+    new_pod = lab.add_pods(name, 1).pods[0]
+    others = [p for p in lab.pods if p.node != name]
     with lab.capture("join") as cap:
         for other in others:
             for fam in ("ipv4", "ipv6"):
@@ -204,9 +263,10 @@ def test_a_joining_node_gets_peers_everywhere_and_its_pods_are_encrypted(lab: Ku
 
 
 def test_a_deleted_node_stops_being_a_peer_everywhere(lab: KubeLab) -> None:
-    gone = lab.published_keys()["node4"]
-    lab.remove_node("node4")
-    await_condition(lab.converged, 60, "node4's peer to leave every node", 0.5)
+    name = lab.nodes[-1].node.name
+    gone = lab.published_keys()[name]
+    lab.remove_node(name)
+    await_converged(lab, f"{name}'s peer to leave every node")
     for kn in lab.nodes:
         assert gone not in lab.wireguard(kn.node.name)["peers"]
     assert len(lab.nodes) == NODES

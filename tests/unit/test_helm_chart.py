@@ -69,6 +69,7 @@ RENDERS: dict[str, tuple[dict[str, Any], str]] = {
     "fallback-always": (on(userspaceFallback="always"), NAMESPACE),
     "fallback-never": (on(userspaceFallback="never"), NAMESPACE),
     "sidecar-privileged": (on(userspace={"privileged": True}), NAMESPACE),
+    "startup-taint": ({**ON, "startupTaint": {"enabled": True}}, "kube-system"),
     "fail-open": ({"encryption": {"enabled": True, "failClosed": False}}, NAMESPACE),
     "key-rotation": ({"encryption": {"enabled": True, "keyRotationInterval": "720h"}},
                      NAMESPACE),
@@ -542,7 +543,10 @@ API_VERBS: dict[str, set[tuple[str, str]]] = {
     "read_node": {("nodes", "get")},
     "patch_node": {("nodes", "patch")},
     "create_namespaced_event": {("events", "create")},
+    "list_namespaced_pod": {("pods", "list"), ("pods", "watch")},
 }
+# Modules whose API calls are not the agent's but another component's, with its own account.
+NOT_THE_AGENT = {"startup_taint.py"}
 
 
 def rules(role: Obj) -> set[tuple[str, str]]:
@@ -559,7 +563,7 @@ def test_the_cluster_role_grants_exactly_what_the_agent_calls(
     """With its ServiceAccount the agent reads Nodes and creates Events in its namespace;
     its one write to a Node (``.writer.``) uses the node's own identity (nodeIdentity)."""
     called, written = set(), set()
-    for path in sorted(KUBE.glob("*.py")):
+    for path in sorted(p for p in KUBE.glob("*.py") if p.name not in NOT_THE_AGENT):
         called |= set(re.findall(r"\.core\.(\w+)\(", path.read_text()))
         written |= set(re.findall(r"\.writer\.(\w+)\(", path.read_text()))
     unknown = (called | written) - API_VERBS.keys()
@@ -826,3 +830,45 @@ def test_notes(notes: dict[str, str]) -> None:
     assert "UNENCRYPTED" in other and "userspaceFallback=never" in other
     assert "(1400)" in other and "WARNING" not in other
     assert f"daemonset/{FULLNAME}-teardown" in notes["teardown"]
+
+
+# -- 7. the startup taint controller ---------------------------------------------------------
+
+
+def test_startup_taint_controller_is_off_by_default(on_render: Render) -> None:
+    assert on_render.of_kind("Deployment") == []
+
+
+def test_startup_taint_controller_gets_exactly_what_it_calls(
+        renders: dict[str, Render]) -> None:
+    """Its calls, read from its module, against its ClusterRole (Nodes) and Role (the agent
+    pods in the release's namespace); nothing for the agent's account changes."""
+    r = renders["startup-taint"]
+    called = set(re.findall(r"\.core\.(\w+)\(", (KUBE / "startup_taint.py").read_text()))
+    needed = set().union(*(API_VERBS[m] for m in called))
+    needed -= {("nodes", "watch")}  # it lists nodes on a resync, never watches them
+    name = FULLNAME + "-startup-taint"
+    assert rules(r.one("ClusterRole", name)) == {v for v in needed if v[0] == "nodes"}
+    assert rules(r.one("Role", name)) == {v for v in needed if v[0] == "pods"}
+    assert r.one("Role", name)["metadata"]["namespace"] == "kube-system"
+    for kind in ("ClusterRoleBinding", "RoleBinding"):
+        assert r.one(kind, name)["subjects"] == [
+            {"kind": "ServiceAccount", "name": name, "namespace": "kube-system"}]
+    assert rules(r.one("ClusterRole", FULLNAME)) == rules(renders["on"].one("ClusterRole"))
+
+
+def test_startup_taint_controller_runs_anywhere_the_taint_is(renders: dict[str, Render]) -> None:
+    dep = renders["startup-taint"].one("Deployment")
+    pod = dep["spec"]["template"]["spec"]
+    assert dep["spec"]["replicas"] == 1
+    assert {"key": "wgmanager.io/agent-not-ready", "operator": "Exists"} in pod["tolerations"]
+    assert pod["priorityClassName"] == "system-cluster-critical"
+    assert pod["serviceAccountName"] == FULLNAME + "-startup-taint"
+    container = pod["containers"][0]
+    args = parse(container["args"])
+    assert args.command == "startup-taint-controller"
+    assert args.taint_key == "wgmanager.io/agent-not-ready"
+    assert args.agent_selector == "app.kubernetes.io/component=agent"
+    sc = container["securityContext"]
+    assert sc["runAsNonRoot"] is True and sc["capabilities"] == {"drop": ["ALL"]}
+    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False

@@ -142,6 +142,19 @@ def build_parser() -> argparse.ArgumentParser:
                                         "this node (the key is kept)")
     _node_flags(t)
 
+    sc = sub.add_parser("startup-taint-controller",
+                        help="remove the startup taint from each node once its agent is "
+                             "Ready (the Helm chart's startupTaint Deployment)")
+    sc.add_argument("--namespace", default=os.environ.get("POD_NAMESPACE", "kube-system"),
+                    help="where the agent pods run (default: $POD_NAMESPACE, else "
+                         "%(default)s)")
+    sc.add_argument("--taint-key", default="wgmanager.io/agent-not-ready",
+                    help="the taint kubelets register with (default %(default)s)")
+    sc.add_argument("--agent-selector", default="app.kubernetes.io/component=agent",
+                    help="label selector of the agent pods (default %(default)s)")
+    sc.add_argument("--kubeconfig", type=Path, default=_env_path("KUBECONFIG"),
+                    help="kubeconfig file (default: $KUBECONFIG, else in-cluster config)")
+
     w = sub.add_parser("wireguard-go-supervisor",
                        help="run wireguard-go for the devices the agent asks for (the Helm "
                             "chart's wireguard-go pods)")
@@ -415,6 +428,21 @@ def cmd_wireguard_go_supervisor(args: argparse.Namespace) -> int:
     return supervisor.run(args)
 
 
+def cmd_startup_taint_controller(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from wgmanager.kube.client import load_api
+    from wgmanager.kube.startup_taint import StartupTaintController
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    StartupTaintController(load_api(args.kubeconfig), namespace=args.namespace,
+                           key=args.taint_key, selector=args.agent_selector).run(stop)
+    return 0
+
+
 def cmd_rotate_keys(args: argparse.Namespace) -> int:
     from wgmanager.commands.rotate_keys import rotate
     from wgmanager.kube.client import NodesAPI, load_api
@@ -438,7 +466,8 @@ def cmd_teardown(args: argparse.Namespace) -> int:
 COMMANDS = {"pubkey": cmd_pubkey, "apply": cmd_apply, "agent": cmd_agent,
             "status": cmd_status, "doctor": cmd_doctor, "lab": cmd_lab,
             "teardown": cmd_teardown, "rotate-keys": cmd_rotate_keys,
-            "wireguard-go-supervisor": cmd_wireguard_go_supervisor}
+            "wireguard-go-supervisor": cmd_wireguard_go_supervisor,
+            "startup-taint-controller": cmd_startup_taint_controller}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

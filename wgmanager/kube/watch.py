@@ -119,7 +119,7 @@ class NodeWatcher:
     def _watch(self, rv: str, sink: Callable[[WatchEvent], None], stop: threading.Event) -> str:
         resp = self.api.watch(resource_version=rv, timeout_seconds=self.watch_timeout)
         try:
-            for event in _events(resp):
+            for event in events(resp):
                 if stop.is_set():
                     break
                 self._touch()
@@ -154,7 +154,7 @@ class NodeWatcher:
         self.health.last_contact = time.monotonic()
 
 
-def _events(resp: Any) -> Iterator[dict[str, Any]]:
+def events(resp: Any) -> Iterator[dict[str, Any]]:
     """JSON objects from a line-delimited watch stream."""
     buf = b""
     for chunk in resp.stream(65536, decode_content=False):

@@ -75,11 +75,12 @@ def split_image(ref: str) -> tuple[str, str]:
     return repository, tag
 
 
-def lab_values(image_ref: str, cluster_cidrs: Sequence[str], *,
+def lab_values(image_ref: str, cluster_cidrs: Sequence[str], *, startup_taint: bool = False,
                extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The chart's values for a lab cluster of real kubelets: encryption on, the agent
     image as imported into every node (never pulled), the cluster's pod CIDRs, and each
-    node's kubelet identity where the lab's nodes keep it (``nodeconfig.NODE_KUBECONFIG``)."""
+    node's kubelet identity where the lab's nodes keep it (``nodeconfig.NODE_KUBECONFIG``);
+    with ``startup_taint``, the controller that frees nodes registered with the taint."""
     repository, tag = split_image(image_ref)
     values: dict[str, Any] = {
         "encryption": {"enabled": True},
@@ -87,6 +88,7 @@ def lab_values(image_ref: str, cluster_cidrs: Sequence[str], *,
         "clusterPodCIDRs": list(cluster_cidrs),
         "nodeIdentity": {"enabled": True, "kubeletKubeconfig": str(NODE_KUBECONFIG),
                          "hostPaths": [str(NODE_PKI)]},
+        "startupTaint": {"enabled": startup_taint},
     }
     for key, value in (extra or {}).items():
         values[key] = ({**values[key], **value}

@@ -40,6 +40,8 @@ from wgmanager.lab.lab import LabError, await_condition
 from wgmanager.lab.topology import Pod, SimNode, Topology
 
 STATE_FILE = "kubelab.json"
+STARTUP_TAINT_KEY = "wgmanager.io/agent-not-ready"
+STARTUP_TAINT = f"{STARTUP_TAINT_KEY}=true:NoSchedule"  # as kubelets register it
 API_PORT = 6443
 IMAGES = ("pause", "busybox", "wgmanager")
 WG_PORTS = (51820, 51821)  # the chart's listenPort and rotationListenPort
@@ -116,7 +118,7 @@ class KubeLab:
             raise LabError(f"a lab already exists under {self.root} (prefix {self.prefix}); "
                            "see `wgmanager lab status`, or remove it with `wgmanager lab down`")
         cluster = RealCluster(self.prefix, self.root, nodes=nodes, image_names=IMAGES,
-                              ready_timeout=timeout)
+                              ready_timeout=timeout, register_taints=(STARTUP_TAINT,))
         try:
             cluster.start(progress)
             assert cluster.topo is not None and cluster.cp is not None
@@ -124,15 +126,20 @@ class KubeLab:
             self.cluster_cidrs = cluster.cp.cluster_cidrs
             self.sandbox_image = kubelets.images(["pause"])[0].ref
             self._save()
-            progress(f"pods: {pods_per_node} busybox pod(s) per node")
-            self._start_pods(pods_per_node, timeout)
-            self._save()
+            # Nodes register with the startup taint: no pod of ours runs before its node's
+            # agent does (what users get with startupTaint.enabled).
             progress("helm install wgmanager --set encryption.enabled=true (the local image)")
             image = kubelets.images(["wgmanager"])[0].ref
-            self.release.install(chart.lab_values(image, self.cluster_cidrs), timeout=timeout)
+            self.release.install(chart.lab_values(image, self.cluster_cidrs,
+                                                  startup_taint=True), timeout=timeout)
             waited = chart.wait_daemonsets_ready(self.api, self.release, nodes=nodes,
                                                  timeout=timeout)
             progress(f"every wgmanager pod Ready {waited:.1f}s after the install")
+            await_condition(lambda: not self.tainted_nodes(), timeout,
+                            f"the startup taint ({STARTUP_TAINT_KEY}) to leave every node", 0.5)
+            progress(f"pods: {pods_per_node} busybox pod(s) per node")
+            self._start_pods(pods_per_node, timeout)
+            self._save()
             progress("waiting for every node to hold a peer for every other node")
             waited = await_condition(self.converged, timeout, "the mesh to converge", 0.5)
             progress(f"converged in {waited:.1f}s")
@@ -190,10 +197,17 @@ class KubeLab:
 
     # -- nodes joining and leaving --------------------------------------------------------
 
-    def add_node(self, *, pods: int = 1, timeout: float = 300.0) -> SimNode:
+    def tainted_nodes(self) -> list[str]:
+        """Nodes still carrying the startup taint (their agent is not Ready yet)."""
+        return [n.metadata.name for n in self.core.list_node().items
+                if any(t.key == STARTUP_TAINT_KEY for t in n.spec.taints or [])]
+
+    def add_node(self, *, pods: int = 1, timeout: float = 300.0,
+                 startup_taint: bool = True) -> SimNode:
         """A new node joins as in a real cluster: its namespace on the underlay, containerd,
-        a kubelet that registers its Node; routes to and from it; then its pods. The
-        DaemonSets place their pods on it by themselves (the caller waits for them)."""
+        a kubelet that registers its Node (with the startup taint unless told otherwise);
+        routes to and from it; then its pods. The DaemonSets place their pods on it by
+        themselves (the caller waits for them)."""
         topo = self.topology
         index = max(n.index for n in topo.nodes) + 1
         self.topo = topology.add_node(topo, index)
@@ -204,13 +218,19 @@ class KubeLab:
                                 f"https://{topo.host_address}:{API_PORT}")
         wanted = kubelets.images(["pause", *(n for n in IMAGES if n != "pause")])
         joined = kubelets.start_nodes([sim], self.root, trust, prefix=self.prefix,
-                                      pod_mtu=topo.pod_mtu, images=wanted, timings={})
+                                      pod_mtu=topo.pod_mtu, images=wanted, timings={},
+                                      register_taints=(STARTUP_TAINT,) if startup_taint
+                                      else ())
         self.nodes.append(joined[0])
         kubelets.wait_ready(self.api, joined, timeout, self.root)
         kubelets.sync_routes(self.api, self.topology, API_PORT)
-        self._start_pods(pods, timeout, only=[sim.name])
+        return self.add_pods(sim.name, pods, timeout) if pods else sim
+
+    def add_pods(self, node: str, count: int, timeout: float = 300.0) -> SimNode:
+        """``count`` busybox pods on a node that has none yet; returns once they run."""
+        self._start_pods(count, timeout, only=[node])
         self._save()
-        return self.topology.node(sim.name)
+        return self.topology.node(node)
 
     def remove_node(self, name: str) -> None:
         """A node leaves: its kubelet, containerd and pods stop and its Node is deleted (as
@@ -219,6 +239,13 @@ class KubeLab:
         kn.stop()
         with contextlib.suppress(k8s.ApiException):
             self.core.delete_node(name)
+        # Its pods' objects too, at once (the pod garbage collector would, in a while): a
+        # node joining later under the same name starts clean.
+        for pod in self.core.list_pod_for_all_namespaces(
+                field_selector=f"spec.nodeName={name}").items:
+            with contextlib.suppress(k8s.ApiException):
+                self.core.delete_namespaced_pod(pod.metadata.name, pod.metadata.namespace,
+                                                grace_period_seconds=0)
         self.nodes.remove(kn)
         self.topo = topology.remove_node(self.topology, name)
         shutil.rmtree(kn.dir, ignore_errors=True)

@@ -126,10 +126,13 @@ class KubeNode:
     """One real node inside ``node``'s network namespace; files under ``work_dir``."""
 
     def __init__(self, node: SimNode, work_dir: Path, *, prefix: str, pod_mtu: int,
-                 sandbox_image: str, ready_timeout: float = 60.0) -> None:
+                 sandbox_image: str, ready_timeout: float = 60.0,
+                 register_taints: Sequence[str] = ()) -> None:
         """``sandbox_image`` is the pause image's reference (it must be imported: there is
-        no registry to pull it from)."""
+        no registry to pull it from). ``register_taints`` ("key=value:Effect") are the taints
+        the kubelet registers its Node with."""
         self.node = node
+        self.register_taints = tuple(register_taints)
         self.sandbox_image = sandbox_image
         self.layout = NodeLayout(work_dir)
         self.dir = work_dir
@@ -240,6 +243,8 @@ class KubeNode:
             f"--container-runtime-endpoint=unix://{lay.socket}",
             f"--containerd={lay.socket}",  # cAdvisor's view of the containers
             f"--pod-infra-container-image={self.sandbox_image}",  # image GC never drops it
+            *([f"--register-with-taints={','.join(self.register_taints)}"]
+              if self.register_taints else []),
             "--v=1",
         ], env=env)
 
@@ -286,8 +291,9 @@ class RealCluster:
 
     def __init__(self, prefix: str, root: Path, *, nodes: int = 2,
                  image_names: Sequence[str] = DEFAULT_IMAGES, ready_timeout: float = 120.0,
-                 ) -> None:
+                 register_taints: Sequence[str] = ()) -> None:
         self.prefix = prefix
+        self.register_taints = tuple(register_taints)
         self.root = root
         self.node_count = nodes
         self.image_names = tuple(image_names)
@@ -334,7 +340,8 @@ class RealCluster:
             self.nodes = start_nodes(self.topo.nodes, self.root, self.cp.trust,
                                      prefix=self.prefix,
                                      pod_mtu=self.topo.pod_mtu, images=wanted,
-                                     timings=self.timings, progress=progress)
+                                     timings=self.timings, progress=progress,
+                                     register_taints=self.register_taints)
             with self._timed("kubelets"):
                 progress("kubelets: waiting for every Node to be Ready")
                 self.wait_ready()
@@ -374,12 +381,14 @@ class RealCluster:
 
 def start_nodes(sims: Sequence[SimNode], root: Path, cp: ClusterTrust, *, prefix: str,
                 pod_mtu: int, images: Sequence[Image], timings: dict[str, float],
-                progress: Progress = lambda _: None) -> list[KubeNode]:
+                progress: Progress = lambda _: None,
+                register_taints: Sequence[str] = ()) -> list[KubeNode]:
     """containerd, the images and a kubelet on each of ``sims`` (a cluster's first nodes, or
     one joining later); returns without waiting for the Nodes to be Ready. ``images`` starts
     with the pause image."""
     nodes = [KubeNode(sim, root / "nodes" / sim.name, prefix=prefix, pod_mtu=pod_mtu,
-                      sandbox_image=images[0].ref) for sim in sims]
+                      sandbox_image=images[0].ref, register_taints=register_taints)
+             for sim in sims]
     began = time.monotonic()
     progress("containerd per node")
     for kn in nodes:
