@@ -15,6 +15,7 @@
 #       FROM scratch + Debian's busybox-static and a link per applet: the lab's test pods
 #   $CACHE/images/wgmanager.current    the agent image reference last built or found
 #   $CACHE/images/images.json          {"pause"|"base"|"wgmanager"|"busybox": {"ref", "archive"}}
+#   build/agent-image.json (in the checkout)  {"ref", "archive"} of this checkout's agent image
 #
 # The agent's <digest> covers deploy/Dockerfile, .dockerignore, pyproject.toml, README.md,
 # bpf/ and wgmanager/ (without __pycache__ and *.pyc) and the base image's digest. The
@@ -38,7 +39,7 @@ want() { ((${#ONLY[@]} == 0)) || [[ " ${ONLY[*]} " == *" $1 "* ]]; }
 CACHE="${WGM_CACHE_DIR:-/var/cache/wgmanager}"
 KUBE_VERSION="${KUBE_VERSION:-1.20.2}"
 IMAGES="$CACHE/images"
-KEEP_AGENT_ARCHIVES=2
+KEEP_AGENT_ARCHIVES=4  # several checkouts on one machine each keep theirs
 log() { printf 'images: %s\n' "$*" >&2; }
 short_digest() { sha256sum | cut -c1-12; }
 export LC_ALL=C
@@ -110,6 +111,10 @@ if new != old:
     os.replace(path + ".tmp", path)
 PY
   want wgmanager || return 0
+  # This checkout's own agent image: the index says what was built last on the machine,
+  # which may be another checkout's (wgmanager.lab.kubelets prefers this file).
+  mkdir -p build
+  printf '{"ref": "%s", "archive": "%s"}\n' "$agent_ref" "$agent_archive" > build/agent-image.json
   current=$(cat "$IMAGES/wgmanager.current" 2>/dev/null || true)
   [[ "$current" == "$agent_ref" ]] \
     || { echo "$agent_ref" > "$IMAGES/wgmanager.current.tmp"; mv "$IMAGES/wgmanager.current.tmp" "$IMAGES/wgmanager.current"; }

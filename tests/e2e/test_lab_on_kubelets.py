@@ -40,6 +40,10 @@ from wgmanager.lab import chart, kubelets, traffic
 from wgmanager.lab.kubelab import AGENT_SELECTOR, KubeLab
 from wgmanager.lab.lab import LabError, await_condition
 
+# Bringing up 3 kubelets is one module fixture (about a minute; far more on a loaded
+# machine), and the upgrade test pings for 2 minutes: more than the suite's default.
+pytestmark = pytest.mark.timeout(900)
+
 NODES = 3
 # Each ping outlasts what it watches (measured: a new agent Ready 17-24 s after the delete,
 # every agent rolled 68-73 s after the upgrade), with a margin for a loaded machine.
@@ -205,19 +209,22 @@ CHATTY = "while :; do ping -c 1 -W 1 {dst} >/dev/null 2>&1; sleep 0.05; done"
 
 
 def join_with_a_chatty_pod(lab: KubeLab, *, startup_taint: bool) -> tuple[str, int]:
-    """A node joins and, as soon as it is Ready, gets a pod that pings a pod on another node
-    from its first moment; returns the node's name and how many of its pods' packets the
-    underlay carried in plaintext from the join until its agent was Ready and peered."""
+    """A node joins with a pod waiting for it that pings a pod on another node from its
+    first moment; returns the node's name and how many of its pods' packets the underlay
+    carried in plaintext from the join until its agent was Ready and peered."""
     dst = lab.pods[0].ipv4
+    name = lab.next_node_name()
+    # The pod exists before its node: the scheduler binds it, and the agent's pod, the
+    # moment the node registers, so without the taint both start together.
+    lab.core.create_namespaced_pod("default", {
+        "metadata": {"name": f"{name}-chatty"},
+        "spec": {"nodeSelector": {"kubernetes.io/hostname": name},
+                 "terminationGracePeriodSeconds": 0,
+                 "containers": [{"name": "main", "image": kubelets.images(["busybox"])[0].ref,
+                                 "command": ["sh", "-c", CHATTY.format(dst=dst)]}]}})
     with lab.capture(f"join-{'tainted' if startup_taint else 'untainted'}") as cap:
         node = lab.add_node(pods=0, startup_taint=startup_taint)
-        busybox = kubelets.images(["busybox"])[0].ref
-        lab.core.create_namespaced_pod("default", {
-            "metadata": {"name": f"{node.name}-chatty"},
-            "spec": {"nodeSelector": {"kubernetes.io/hostname": node.name},
-                     "terminationGracePeriodSeconds": 0,
-                     "containers": [{"name": "main", "image": busybox,
-                                     "command": ["sh", "-c", CHATTY.format(dst=dst)]}]}})
+        assert node.name == name
         chart.wait_daemonsets_ready(lab.api, lab.release, nodes=len(lab.nodes), timeout=180)
         await_converged(lab, f"every node to peer with {node.name}")
         await_condition(lambda: lab.core.read_namespaced_pod(

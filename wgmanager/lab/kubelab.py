@@ -209,8 +209,7 @@ class KubeLab:
         routes to and from it; then its pods. The DaemonSets place their pods on it by
         themselves (the caller waits for them)."""
         topo = self.topology
-        index = max(n.index for n in topo.nodes) + 1
-        self.topo = topology.add_node(topo, index)
+        self.topo = topology.add_node(topo, self._next_index())
         sim = self.topology.nodes[-1]
         self._save()  # `down` finds it even if the rest fails
         nodenet.dead_end_route(sim.netns)
@@ -231,6 +230,13 @@ class KubeLab:
         self._start_pods(count, timeout, only=[node])
         self._save()
         return self.topology.node(node)
+
+    def _next_index(self) -> int:
+        return max(n.index for n in self.topology.nodes) + 1
+
+    def next_node_name(self) -> str:
+        """The name the next ``add_node`` gives its node (pods can wait for it)."""
+        return f"node{self._next_index()}"
 
     def remove_node(self, name: str) -> None:
         """A node leaves: its kubelet, containerd and pods stop and its Node is deleted (as

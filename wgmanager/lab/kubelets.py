@@ -75,6 +75,7 @@ from wgmanager.lab.pki import write_kubeconfig, write_pair
 from wgmanager.lab.topology import SimNode, Topology
 
 IMAGES_INDEX = Path("/var/cache/wgmanager/images/images.json")
+CHECKOUT_AGENT_IMAGE = Path(__file__).resolve().parents[2] / "build" / "agent-image.json"
 DEFAULT_IMAGES = ("pause", "busybox")
 HOLDER, CONTAINERD, KUBELET = "holder", "containerd", "kubelet"
 # Everything a node runs outside its pods, by comm, for clean-up by cwd.
@@ -98,12 +99,16 @@ class Image:
 
 
 def image_index(path: Path = IMAGES_INDEX) -> dict[str, Image]:
-    """The images scripts/build-images.sh cached, by name (pause, busybox, wgmanager, ...)."""
+    """The images scripts/build-images.sh cached, by name (pause, busybox, wgmanager, ...).
+    The agent image is this checkout's (``CHECKOUT_AGENT_IMAGE``) when it has one: the
+    machine-wide index names the last one built, which may be another checkout's."""
     try:
         doc = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise EnvironmentProblem(f"no image index at {path} ({exc}); run `make setup` (it "
                                  "builds the lab's images once)") from None
+    with contextlib.suppress(OSError, ValueError):
+        doc["wgmanager"] = json.loads(CHECKOUT_AGENT_IMAGE.read_text())
     return {name: Image(name, e["ref"], Path(e["archive"])) for name, e in doc.items()}
 
 
