@@ -12,7 +12,7 @@ from __future__ import annotations
 import bisect
 import enum
 import ipaddress
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from wgmanager.core.keys import InvalidKey, PublicKey
@@ -131,9 +131,12 @@ def compute_mesh(
     config: MeshConfig,
     previous: Mesh | None = None,
     quarantined: frozenset[str] = frozenset(),
+    parse: Callable[[NodeSpec], Node | Rejected] = parse_node,
 ) -> Mesh:
     """The desired mesh for ``local_name``. ``previous`` lets incumbents keep their claims;
-    ``quarantined`` nodes get no peer (see wgmanager.core.keywatch)."""
+    ``quarantined`` nodes get no peer (see wgmanager.core.keywatch). ``parse`` may be a
+    cache of ``parse_node`` (``wgmanager.core.meshindex``): its result is a pure function of
+    the spec."""
     by_name: dict[str, NodeSpec] = {}
     for spec in specs:
         by_name[spec.name] = spec
@@ -149,7 +152,7 @@ def compute_mesh(
     rejected: dict[str, Rejected] = {}
     candidates: list[tuple[Node, NodeSpec]] = []
     for spec in by_name.values():
-        parsed = parse_node(spec)
+        parsed = parse(spec)
         if spec.name in quarantined:
             rejected[spec.name] = Rejected(spec.name, QUARANTINE_REASON, parsed.pod_cidrs)
         elif isinstance(parsed, Rejected):
@@ -168,16 +171,12 @@ def compute_mesh(
         claims.add(c, local.name)
     accepted: dict[str, Node] = {}
     for node, _spec in sorted(candidates, key=priority):
-        reason = _conflict(node, key_owner, claims)
+        reason = conflict(node, key_owner, claims)
         if reason is not None:
             rejected[node.name] = Rejected(node.name, reason, node.pod_cidrs)
             continue
-        endpoint = _endpoint(node, local, config.listen_port)
-        if endpoint is None:
-            family = "IPv6" if local.addresses[0].version == 6 else "IPv4"
-            rejected[node.name] = Rejected(
-                node.name, f"no InternalIP of the local node's underlay family ({family})",
-                node.pod_cidrs)
+        if _endpoint(node, local, config.listen_port) is None:
+            rejected[node.name] = Rejected(node.name, no_endpoint_reason(local), node.pod_cidrs)
             continue
         key_owner[node.public_key] = node.name
         for c in node.pod_cidrs:
@@ -193,17 +192,22 @@ def compute_mesh(
               if name in by_name and _older(by_name[name], local_spec)
               and not (previous is not None and name in previous.nodes)]
     contested = _contested(local, older)
-    peers = {
-        n.public_key: PeerConfig(
-            public_key=n.public_key,
-            endpoint=_endpoint(n, local, config.listen_port),
-            allowed_ips=frozenset(n.pod_cidrs),
-            persistent_keepalive=config.persistent_keepalive,
-        )
-        for n in accepted.values()
-    }
+    peers = {n.public_key: peer_config(n, local, config) for n in accepted.values()}
     return Mesh(local=local, nodes=accepted, peers=peers, rejected=rejected,
                 contested=contested)
+
+
+def peer_config(node: Node, local: Node, config: MeshConfig) -> PeerConfig:
+    """The peer an accepted remote node gets on the local device."""
+    return PeerConfig(public_key=node.public_key,
+                      endpoint=_endpoint(node, local, config.listen_port),
+                      allowed_ips=frozenset(node.pod_cidrs),
+                      persistent_keepalive=config.persistent_keepalive)
+
+
+def no_endpoint_reason(local: Node) -> str:
+    family = "IPv6" if local.addresses[0].version == 6 else "IPv4"
+    return f"no InternalIP of the local node's underlay family ({family})"
 
 
 def _older(spec: NodeSpec, local: NodeSpec) -> bool:
@@ -252,6 +256,15 @@ class CidrClaims:
         bisect.insort(self._starts[cidr.version], start)
         self._by_start[(cidr.version, start)] = (cidr, owner)
 
+    def remove(self, cidr: IPNetwork) -> None:
+        """Withdraws a claim (a node that changed or left); unknown CIDRs are ignored."""
+        start = int(cidr.network_address)
+        if self._owner.pop((cidr.version, cidr.prefixlen, start), None) is None:
+            return
+        starts = self._starts[cidr.version]
+        del starts[bisect.bisect_left(starts, start)]
+        del self._by_start[(cidr.version, start)]
+
     def overlapping(self, cidr: IPNetwork) -> tuple[IPNetwork, str] | None:
         bits = cidr.max_prefixlen
         start = int(cidr.network_address)
@@ -267,7 +280,7 @@ class CidrClaims:
         return None
 
 
-def _conflict(node: Node, key_owner: Mapping[PublicKey, str],
+def conflict(node: Node, key_owner: Mapping[PublicKey, str],
               claims: CidrClaims) -> str | None:
     owner = key_owner.get(node.public_key)
     if owner is not None:
