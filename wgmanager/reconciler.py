@@ -88,6 +88,7 @@ class ReconcileResult:
     seconds: float = 0.0
     alt_device: DeviceState | None = None  # the second device while rotating the key
     rotation: Progress | None = None  # peers confirmed so far (SWITCH and ROLLBACK)
+    full: bool = True  # False: an incremental pass (the changed nodes only)
 
 
 class NodeReconciler:
@@ -248,10 +249,15 @@ class NodeReconciler:
             before = _read(cur)
             before_alt = _read(alt) if alt is not None else None
             steer = routes(rot, remote, confirmed(rot, remote, before, before_alt))
-            maps.apply(plan_fail_closed(
+            in_kernel = maps.read_cidrs()  # read once: this pass's writes are all ours
+            closing = plan_fail_closed(
                 datapath_map(mesh, before, self.mesh_config, alt=before_alt, routes=steer,
                              any_key=True),
-                maps.read_cidrs()))
+                in_kernel)
+            maps.apply(closing)
+            in_kernel.update(closing.upserts)
+            for cidr in closing.deletes:
+                in_kernel.pop(cidr, None)
 
             # 2. Devices (one per slot the rotation state needs), keys, links.
             local_addr = mesh.local.addresses[0]
@@ -307,7 +313,7 @@ class NodeReconciler:
             done = confirmed(rot, remote, device, alt_device)
             desired_map = datapath_map(mesh, device, self.mesh_config, alt=alt_device,
                                        routes=routes(rot, remote, done))
-            map_plan = plan_map(desired_map, maps.read_cidrs())
+            map_plan = plan_map(desired_map, in_kernel)
             maps.apply(map_plan)
         self._say_rejected(mesh, mesh.rejected)
         self._previous = mesh
@@ -321,7 +327,8 @@ class NodeReconciler:
                                       "map_upserts": len(map_plan.upserts),
                                       "map_deletes": len(map_plan.deletes),
                                       "rejected": len(mesh.rejected),
-                                      "key_rotation": rot.phase})
+                                      "key_rotation": rot.phase, "full": True,
+                                      "ms": round(1000 * result.seconds, 1)})
         return result
 
     def _incremental(self, change: MeshChange, new_links: Collection[str],
@@ -358,11 +365,12 @@ class NodeReconciler:
         device = DeviceState(model.header.name, model.header.public_key,
                              model.header.listen_port, model.header.fwmark, dict(model.peers))
         result = ReconcileResult(mesh, tuple(ops), map_plan, device,
-                                 seconds=time.monotonic() - started)
+                                 seconds=time.monotonic() - started, full=False)
         log.info("reconciled", extra={"peers": len(model.peers), "peer_ops": len(ops),
                                       "map_upserts": len(map_plan.upserts),
                                       "map_deletes": len(map_plan.deletes),
-                                      "changed_nodes": len(change.names), "full": False})
+                                      "changed_nodes": len(change.names), "full": False,
+                                      "ms": round(1000 * result.seconds, 1)})
         return result
 
     def _plan_scoped(self, backend: WireGuardBackend, desired: dict[PublicKey, PeerConfig],

@@ -21,6 +21,7 @@ is down and a restart picks up without dropping traffic.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -63,7 +64,7 @@ ROTATION_DUTY = 0.25  # share of a core the rotation's polling passes may take
 @dataclass(frozen=True, slots=True)
 class AgentTiming:
     debounce: float = 0.1  # seconds to gather a burst of events into one reconcile
-    resync_interval: float = 60.0  # full reconcile even without events
+    resync_interval: float = 60.0  # a full reconcile at least this often, events or not
     device_check_interval: float = 2.0  # how often to check that the device still exists
     watch_timeout: int = 300  # server-side watch timeout before re-watching
 
@@ -217,7 +218,13 @@ class Agent:
                     self._last_pass_s = result.seconds
                     self.reconciles += 1
                     backoff.reset()
-                    next_resync = time.monotonic() + self.timing.resync_interval
+                    if result.full:  # incremental passes do not count as a resync
+                        next_resync = time.monotonic() + self.timing.resync_interval
+                        # The mesh, indexes and models of thousands of nodes live until
+                        # the next full pass: keep the cyclic GC from rescanning them on
+                        # every collection (~0.1 s per full collection at 10,000 nodes,
+                        # a pause in the middle of some event's pass).
+                        gc.freeze()
                     self._record(result, pending)
                     self._report_rejections(result)
                     before = (self.rotator.state, self.rotator.steered)

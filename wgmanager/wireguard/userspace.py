@@ -131,6 +131,7 @@ class UserspaceBackend:
         self.spawn = spawn
         self.binary = binary
         self.timeout = timeout
+        self._values = uapi.ValueCache()  # parsed keys/networks/endpoints across reads
 
     @property
     def socket_path(self) -> Path:
@@ -275,7 +276,7 @@ class UserspaceBackend:
         with self._session() as conn:
             reply = conn.request(uapi.get_request())
         try:
-            return uapi.parse_get(self.ifname, reply)
+            return uapi.parse_get(self.ifname, reply, self._values)
         except (uapi.ProtocolError, ValueError) as e:
             raise DeviceError(f"unreadable state from wireguard-go on {self.ifname}: {e}") from e
 
