@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from http.server import ThreadingHTTPServer
 from typing import Any
 
+from wgmanager.agent import memory
 from wgmanager.agent.cache import NodeCache
 from wgmanager.agent.health import HealthSettings, serve_health
 from wgmanager.agent.metrics import AgentMetrics, LiveSources
@@ -75,6 +76,7 @@ class Agent:
                  health: HealthSettings | None = HealthSettings(),
                  metrics: AgentMetrics | None = None,
                  events: EventRecorder | None = None) -> None:
+        memory.limit_arenas()  # before any of the agent's threads starts
         self.reconciler = reconciler
         self.nodes_api = nodes_api
         self.timing = timing
@@ -225,6 +227,7 @@ class Agent:
                         # every collection (~0.1 s per full collection at 10,000 nodes,
                         # a pause in the middle of some event's pass).
                         gc.freeze()
+                        memory.trim()
                     self._record(result, pending)
                     self._report_rejections(result)
                     before = (self.rotator.state, self.rotator.steered)

@@ -80,9 +80,10 @@ class MeshIndex:
              quarantined: frozenset[str] = frozenset()) -> Mesh:
         """``compute_mesh`` against the previous mesh; rebuilds the indexes."""
         self._parsed = {s: p for s, p in self._parsed.items() if specs.get(s.name) == s}
+        claims = CidrClaims()
         mesh = compute_mesh(local_name=self.local_name, local_key=local_key,
                             specs=specs.values(), config=self.config, previous=self.mesh,
-                            quarantined=quarantined, parse=self.parse)
+                            quarantined=quarantined, parse=self.parse, claims=claims)
         self.mesh = mesh
         self._by_name = {name: self.parse(spec) for name, spec in specs.items()}
         self._local_spec = specs[self.local_name]
@@ -92,10 +93,7 @@ class MeshIndex:
         self._local_contended = any(
             c.version == o.version and c.overlaps(o)
             for rej in mesh.rejected.values() for c in rej.pod_cidrs for o in mesh.local.pod_cidrs)
-        self._claims = CidrClaims()
-        for node in (mesh.local, *mesh.nodes.values()):
-            for cidr in node.pod_cidrs:
-                self._claims.add(cidr, node.name)
+        self._claims = claims
         return mesh
 
     def update(self, specs: Mapping[str, NodeSpec], changed: Iterable[str], *,

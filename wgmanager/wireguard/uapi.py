@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import TypeVar
 
 from wgmanager.core.keys import PrivateKey, PublicKey
 from wgmanager.core.model import DeviceState, Endpoint, IPNetwork, PeerState, network_sort_key
 from wgmanager.core.plan import AddPeer, PeerOp, RemovePeer
+
+T = TypeVar("T")
 
 
 class ProtocolError(ValueError):
@@ -103,29 +105,26 @@ class ValueCache:
         self._endpoints: dict[str, Endpoint] = {}
 
     def key(self, text: str) -> PublicKey:
-        hit = self._keys.get(text)
-        if hit is None:
-            hit = self._keys[text] = PublicKey.from_hex(text)
-            self._bound(self._keys)
-        return hit
+        return _cached(self._keys, text, PublicKey.from_hex, self.LIMIT)
 
     def net(self, text: str) -> IPNetwork:
-        hit = self._nets.get(text)
-        if hit is None:
-            hit = self._nets[text] = ipaddress.ip_network(text, strict=False)
-            self._bound(self._nets)
-        return hit
+        return _cached(self._nets, text, _network, self.LIMIT)
 
     def endpoint(self, text: str) -> Endpoint:
-        hit = self._endpoints.get(text)
-        if hit is None:
-            hit = self._endpoints[text] = Endpoint.parse(text)
-            self._bound(self._endpoints)
-        return hit
+        return _cached(self._endpoints, text, Endpoint.parse, self.LIMIT)
 
-    def _bound(self, table: dict[str, Any]) -> None:
-        if len(table) > self.LIMIT:
+
+def _network(text: str) -> IPNetwork:
+    return ipaddress.ip_network(text, strict=False)
+
+
+def _cached(table: dict[str, T], text: str, make: Callable[[str], T], limit: int) -> T:
+    hit = table.get(text)
+    if hit is None:
+        if len(table) >= limit:
             table.clear()
+        hit = table[text] = make(text)
+    return hit
 
 
 def parse_get(ifname: str, reply: str, cache: ValueCache | None = None) -> DeviceState:
