@@ -14,7 +14,7 @@
                     and the knobs (receive buffer, MTU, offloads); with --profile, where
                     the CPU goes (perf: crypto, copies, TUN/UDP, the TC program).
 3. ``controlplane`` bench/control_plane.py: one agent against a real kube-apiserver with
-                    100 and 1,000 Node objects (and 5,000 with --full): time to program,
+                    100 and 1,000 Node objects (and 5,000 and 10,000 with --full): time to program,
                     key-change latency idle and under 50 changes/s, RSS, CPU, operations
                     per event.
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,12 +32,18 @@ from pyroute2 import IPRoute
 from wgmanager.config import NodeSettings, wireguard_mtu
 from wgmanager.core.handshake import handshakes_to_start
 from wgmanager.core.keys import PrivateKey, PublicKey
-from wgmanager.core.mesh import Mesh, compute_mesh, datapath_map, old_device_peers
+from wgmanager.core.mesh import Mesh, datapath_map, old_device_peers
+from wgmanager.core.meshindex import MeshChange, MeshIndex
 from wgmanager.core.model import (
+    Action,
     DeviceState,
     Endpoint,
+    IPNetwork,
     MeshConfig,
     NodeSpec,
+    PeerConfig,
+    PeerState,
+    Rejected,
 )
 from wgmanager.core.plan import (
     AddPeer,
@@ -61,6 +67,7 @@ from wgmanager.core.rotation import (
     routes,
     stale_sessions,
 )
+from wgmanager.core.scoped import DeviceModel, change_scope, restrict, scoped_entries
 from wgmanager.datapath import links
 from wgmanager.datapath.bpf import Hook, Program, attachments, detach
 from wgmanager.datapath.maps import DeviceConfig, PinnedMaps
@@ -81,6 +88,7 @@ class ReconcileResult:
     seconds: float = 0.0
     alt_device: DeviceState | None = None  # the second device while rotating the key
     rotation: Progress | None = None  # peers confirmed so far (SWITCH and ROLLBACK)
+    full: bool = True  # False: an incremental pass (the changed nodes only)
 
 
 class NodeReconciler:
@@ -111,6 +119,12 @@ class NodeReconciler:
         # leader's handshake arrived (see wgmanager.core.handshake).
         self._following: dict[str, dict[PublicKey, float]] = {}
         self._clock: Callable[[], float] = time.monotonic
+        # Kept between passes so that an event costs work for the nodes it changed (see
+        # reconcile): the mesh and its indexes, the device as our acknowledged operations
+        # left it, and the CIDR map as we wrote it. Valid only after a full pass succeeded.
+        self._index = MeshIndex(local_name=settings.node_name, config=mesh_config)
+        self._model: DeviceModel | None = None
+        self._map: dict[IPNetwork, Action] | None = None
 
     def datapath_exists(self) -> bool:
         """Whether this node's maps are pinned (any earlier start loaded the datapath)."""
@@ -182,16 +196,43 @@ class NodeReconciler:
         return self._program
 
     def reconcile(self, specs: Iterable[NodeSpec], rotation: RotationState | None = None,
-                  quarantined: frozenset[str] = frozenset()) -> ReconcileResult:
+                  quarantined: frozenset[str] = frozenset(), *,
+                  changed: Collection[str] | None = None,
+                  new_links: Collection[str] = ()) -> ReconcileResult:
+        """Brings the live state in line with ``specs``.
+
+        With ``changed`` (the nodes whose events arrived since the last pass) and nothing
+        that needs a full pass (not rotating, the last pass succeeded, ``MeshIndex`` can
+        follow the change), only those nodes' peers and map entries are planned, against
+        the kept device model and map: work proportional to the change. Otherwise (None:
+        a periodic resync, a relist, after an error, a recreated device, a rotation) every
+        step reads the live state in full, as ``reconcile`` always did.
+        """
         started = time.monotonic()
+        by_name = {s.name: s for s in specs}
         if rotation is not None:
             self._rotation = rotation
+        try:
+            if (changed is not None and self._rotation.rotation is None
+                    and self._model is not None and self._map is not None):
+                change = self._index.update(by_name, changed,
+                                            local_key=self.private_key.public_key,
+                                            quarantined=quarantined)
+                if change is not None:
+                    return self._incremental(change, new_links, started)
+            return self._full(by_name, quarantined, started)
+        except BaseException:
+            self._model = self._map = None  # the next pass reads everything again
+            self._index.mesh = self._previous
+            raise
+
+    def _full(self, by_name: dict[str, NodeSpec], quarantined: frozenset[str],
+              started: float) -> ReconcileResult:
+        self._model = self._map = None
         rot = self._rotation
         lay = layout(rot)
-        mesh = compute_mesh(local_name=self.settings.node_name,
-                            local_key=self.private_key.public_key,
-                            specs=specs, config=self.mesh_config, previous=self._previous,
-                            quarantined=quarantined)
+        mesh = self._index.full(by_name, local_key=self.private_key.public_key,
+                                quarantined=quarantined)
         if mesh.contested and (self._previous is None
                                or self._previous.contested != mesh.contested):
             log.warning("local pod CIDR overlaps an older node's: traffic to it is dropped; "
@@ -208,10 +249,15 @@ class NodeReconciler:
             before = _read(cur)
             before_alt = _read(alt) if alt is not None else None
             steer = routes(rot, remote, confirmed(rot, remote, before, before_alt))
-            maps.apply(plan_fail_closed(
+            in_kernel = maps.read_cidrs()  # read once: this pass's writes are all ours
+            closing = plan_fail_closed(
                 datapath_map(mesh, before, self.mesh_config, alt=before_alt, routes=steer,
                              any_key=True),
-                maps.read_cidrs()))
+                in_kernel)
+            maps.apply(closing)
+            in_kernel.update(closing.upserts)
+            for cidr in closing.deletes:
+                in_kernel.pop(cidr, None)
 
             # 2. Devices (one per slot the rotation state needs), keys, links.
             local_addr = mesh.local.addresses[0]
@@ -265,19 +311,14 @@ class NodeReconciler:
                 ops += resets
                 device = cur.read()
             done = confirmed(rot, remote, device, alt_device)
-            map_plan = plan_map(
-                datapath_map(mesh, device, self.mesh_config, alt=alt_device,
-                             routes=routes(rot, remote, done)),
-                maps.read_cidrs())
+            desired_map = datapath_map(mesh, device, self.mesh_config, alt=alt_device,
+                                       routes=routes(rot, remote, done))
+            map_plan = plan_map(desired_map, in_kernel)
             maps.apply(map_plan)
-        said = self._previous.rejected if self._previous is not None else {}
+        self._say_rejected(mesh, mesh.rejected)
         self._previous = mesh
-        for rej in mesh.rejected.values():
-            old = said.get(rej.name)
-            if old is not None and old.reason == rej.reason:
-                continue  # said already: every pass would repeat it (thousands at scale)
-            log.log(logging.INFO if rej.pending else logging.WARNING, "node gets no peer",
-                    extra={"node": rej.name, "reason": rej.reason})
+        if rot.rotation is None:
+            self._model, self._map = DeviceModel(device), desired_map
         result = ReconcileResult(
             mesh, tuple(ops), map_plan, device,
             tuple(f"{n}/{h.value}" for n, h in targets), time.monotonic() - started,
@@ -286,8 +327,104 @@ class NodeReconciler:
                                       "map_upserts": len(map_plan.upserts),
                                       "map_deletes": len(map_plan.deletes),
                                       "rejected": len(mesh.rejected),
-                                      "key_rotation": rot.phase})
+                                      "key_rotation": rot.phase, "full": True,
+                                      "ms": round(1000 * result.seconds, 1)})
         return result
+
+    def _incremental(self, change: MeshChange, new_links: Collection[str],
+                     started: float) -> ReconcileResult:
+        """One pass for the nodes in ``change`` (and peers whose removal fell due): the
+        same steps and order as a full pass, each restricted to those nodes' peers and
+        CIDRs, against the kept device model and map."""
+        assert self._model is not None and self._map is not None
+        mesh, model, cfg = change.mesh, self._model, self.mesh_config
+        cur = self.backend
+        scope, keys = change_scope(change, model, self._index.claims)
+        now = self._clock()  # and the replaced peers whose grace has ended
+        keys |= {k for k, t in self._retiring.get(cur.ifname, {}).items() if t <= now}
+        claims = self._index.claims
+        with PinnedMaps(self.settings.datapath.pin_dir) as maps:
+            closing = plan_fail_closed(
+                scoped_entries(mesh, change.names, model, cfg, claims=claims, any_key=True),
+                restrict(self._map, scope))
+            self._write_map(maps, closing)
+            if new_links:
+                self._attach_new(new_links)
+            desired = {k: mesh.peers[k] for k in keys if k in mesh.peers}
+            actual = {k: model.peers[k] for k in keys if k in model.peers}
+            ops = self._plan_scoped(cur, desired, actual, keys, now)
+            cur.apply(ops)
+            model.apply(ops)
+            self._start_handshakes(cur, model.header.public_key, new_peers(ops))
+            map_plan = plan_map(scoped_entries(mesh, change.names, model, cfg, claims=claims),
+                                restrict(self._map, scope))
+            self._write_map(maps, map_plan)
+        self._say_rejected(mesh, {n: r for n in change.names
+                                  if (r := mesh.rejected.get(n)) is not None})
+        self._previous = mesh
+        device = DeviceState(model.header.name, model.header.public_key,
+                             model.header.listen_port, model.header.fwmark, dict(model.peers))
+        result = ReconcileResult(mesh, tuple(ops), map_plan, device,
+                                 seconds=time.monotonic() - started, full=False)
+        log.info("reconciled", extra={"peers": len(model.peers), "peer_ops": len(ops),
+                                      "map_upserts": len(map_plan.upserts),
+                                      "map_deletes": len(map_plan.deletes),
+                                      "changed_nodes": len(change.names), "full": False,
+                                      "ms": round(1000 * result.seconds, 1)})
+        return result
+
+    def _plan_scoped(self, backend: WireGuardBackend, desired: dict[PublicKey, PeerConfig],
+                     actual: dict[PublicKey, PeerState], keys: set[PublicKey],
+                     now: float) -> list[PeerOp]:
+        """``_apply_peers``'s planning for some keys only (the other keys' grace periods
+        and written endpoints are left as they are)."""
+        written = self._written_endpoints.setdefault(backend.ifname, {})
+        planned = plan_peers(desired, adopt_roamed_endpoints(desired, actual, written))
+        retiring = self._retiring.setdefault(backend.ifname, {})
+        mine = {k: t for k, t in retiring.items() if k in keys}
+        ops = defer_replaced_removals(planned, actual, mine, now, REPLACED_PEER_GRACE)
+        for k in keys:
+            retiring.pop(k, None)
+            written.pop(k, None)
+            want = desired.get(k)
+            if want is not None and want.endpoint is not None:
+                written[k] = want.endpoint
+        retiring.update(mine)
+        return ops
+
+    def _write_map(self, maps: PinnedMaps, plan: MapPlan) -> None:
+        assert self._map is not None
+        maps.apply(plan)
+        self._map.update(plan.upserts)
+        for cidr in plan.deletes:
+            self._map.pop(cidr, None)
+
+    def _attach_new(self, names: Collection[str]) -> None:
+        """The fast path on pod veths that appeared since the last pass (no full pass)."""
+        with links.iproute() as ipr:
+            program = self.load_datapath()
+            for name in names:
+                if any(a.hook is Hook.FROM_POD for a in attachments(ipr, name)):
+                    continue
+                try:
+                    program.attach(ipr, name, Hook.FROM_POD)
+                except DatapathError as e:
+                    if links.get_link(ipr, name) is not None:
+                        raise
+                    log.info("pod interface vanished", extra={"ifname": name,
+                                                               "error": str(e)})
+                    continue
+                self._attached.add((name, Hook.FROM_POD))
+
+    def _say_rejected(self, mesh: Mesh, rejected: Mapping[str, Rejected]) -> None:
+        """Logs each rejection once (every pass would repeat it: thousands at scale)."""
+        said = self._previous.rejected if self._previous is not None else {}
+        for rej in rejected.values():
+            old = said.get(rej.name)
+            if old is not None and old.reason == rej.reason:
+                continue
+            log.log(logging.INFO if rej.pending else logging.WARNING, "node gets no peer",
+                    extra={"node": rej.name, "reason": rej.reason})
 
     def _ensure_device(self, ipr: IPRoute, slot: int, mtu: int, mesh: Mesh) -> int:
         """Creates and configures one slot's device; returns its ifindex."""
@@ -327,10 +464,13 @@ class NodeReconciler:
         leader's handshake did not arrive (``wgmanager.core.handshake``). During a key
         rotation that handshake is also the peer's confirmation."""
         pending = self._following.get(backend.ifname, {})
-        if own is None or not (added or pending):
+        now = self._clock()
+        due = any(t <= now for t in pending.values())
+        if own is None or not (added or due):
             return
-        peers = backend.read().peers if pending else {}
-        keys, pending = handshakes_to_start(own, added, pending, peers, self._clock())
+        # Only a check that fell due needs the device's handshake times (a full read).
+        peers = backend.read().peers if due else {}
+        keys, pending = handshakes_to_start(own, added, pending, peers, now)
         self._following[backend.ifname] = pending
         start_handshakes(backend, keys)
 

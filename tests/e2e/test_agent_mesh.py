@@ -15,14 +15,17 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from kubernetes import client as k8s
+from pyroute2 import IPRoute
 
 from tests.e2e.kubecluster import GET_ONLY_USER, KubeCluster, await_condition
 from tests.integration.harness import cleanup_prefix
 from wgmanager.core.keys import PrivateKey, PublicKey
+from wgmanager.datapath.bpf import Hook, attachments
 from wgmanager.lab import topology
 from wgmanager.lab.traffic import continuous_ping
 
@@ -331,6 +334,20 @@ def test_metrics_scraped_from_a_running_agent(kc: KubeCluster) -> None:
     assert one("wgmanager_info", backend="userspace", interface="wgm0") == 1
     # bounded cardinality: no per-peer series unless --metrics-per-peer
     assert not any(name.startswith("wgmanager_peer_receive") for name in m)
+
+
+def test_running_agents_never_map_bcc_or_llvm(kc: KubeCluster) -> None:
+    """The agent attaches the program but compiled it in a child: its own address space
+    holds no bcc, LLVM or clang (they cost ~60 MiB of RSS for the agent's whole life)."""
+    for node in members(kc):
+        pid = kc.lab.agent_pid(node)
+        assert pid is not None, f"{node.name}'s agent is not running"
+        mapped = {line.split()[-1] for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
+                  if len(line.split()) >= 6}
+        assert not [m for m in mapped if any(lib in m for lib in ("libbcc", "LLVM", "clang"))]
+        with IPRoute(netns=node.netns) as ipr:
+            hooks = {a.hook for pod in node.pods for a in attachments(ipr, pod.host_ifname)}
+        assert hooks == {Hook.FROM_POD}
 
 
 def test_rejected_peers_become_kubernetes_events(kc: KubeCluster) -> None:

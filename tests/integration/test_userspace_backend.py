@@ -49,7 +49,7 @@ from wgmanager.lab.lab import LabError, await_condition
 from wgmanager.reconciler import start_handshakes
 from wgmanager.wireguard import uapi
 from wgmanager.wireguard.backend import DeviceSettings
-from wgmanager.wireguard.userspace import UserspaceBackend, process_alive
+from wgmanager.wireguard.userspace import SET_BATCH, UserspaceBackend, process_alive
 
 # Runs inside the namespace: spawn (or find) the device, report as one JSON line.
 DRIVER = r"""
@@ -560,6 +560,39 @@ def test_rejected_set_is_one_line_device_error_and_is_not_atomic(lab: Lab) -> No
 
     with pytest.raises(DeviceError, match=r"rejected device settings: EINVAL"):
         dev.configure(DeviceSettings(PrivateKey.generate(), 70000))
+
+
+def test_many_operations_go_in_batches_and_a_rejected_one_is_still_named(lab: Lab) -> None:
+    """apply() sends up to SET_BATCH operations per set request; a batch wireguard-go
+    rejects is replayed one by one, so the error names the operation, the ones before it
+    are applied and the ones after it are not (as with one request per operation)."""
+    dev = lab.device()
+    many = [PeerConfig(new_key(), ep(f"192.0.2.{i % 250 + 1}:51820"),
+                       nets(f"10.{150 + i // 256}.{i % 256}.0/24"))
+            for i in range(SET_BATCH + 200)]
+    dev.apply([AddPeer(p) for p in many])
+    held = dev.read().peers
+    assert {k: st.config() for k, st in held.items()} == {p.public_key: p for p in many}
+
+    before, after = new_key(), new_key()
+    bad_key = new_key()
+    ops: list[PeerOp] = [
+        RemovePeer(many[0].public_key),
+        AddPeer(PeerConfig(before, ep("192.0.2.1:51820"), nets("10.200.1.0/24"))),
+        AddPeer(PeerConfig(bad_key, ep("192.0.2.2:51820"), nets("10.200.2.0/24"),
+                           persistent_keepalive=70000)),  # not a 16-bit number
+        AddPeer(PeerConfig(after, ep("192.0.2.3:51820"), nets("10.200.3.0/24"))),
+    ]
+    with pytest.raises(DeviceError) as exc:
+        dev.apply(ops)
+    assert f"adding peer {bad_key.short()}" in str(exc.value)
+    assert "\n" not in str(exc.value)
+    peers = dev.read().peers
+    assert many[0].public_key not in peers and before in peers and after not in peers
+    assert len(peers) == len(many) - 1 + 2  # the rejected peer exists, without allowed IPs
+    assert peers[bad_key].allowed_ips == frozenset()
+    dev.apply([RemovePeer(k) for k in peers])
+    assert dev.read().peers == {}
 
 
 def test_spawning_a_missing_or_failing_binary_is_backend_unavailable(lab: Lab) -> None:

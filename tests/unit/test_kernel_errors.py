@@ -8,7 +8,7 @@ import errno
 import pytest
 from pyroute2.netlink.exceptions import NetlinkError
 
-from wgmanager.datapath.bpf import _explain_compile_error, _explain_load_error
+from wgmanager.datapath.compiler import _explain_compile_error, _explain_load_error
 from wgmanager.kernel_errors import (
     CAPABILITY_FIX,
     HEADERS_FIX,

@@ -2,7 +2,9 @@
 
 The watcher's thread writes it and the main loop reads a snapshot of it; ``apply`` says
 whether an event changed anything we use, so status heartbeats (a Node object changes every
-few seconds without touching anything wgmanager reads) trigger no reconcile.
+few seconds without touching anything wgmanager reads) trigger no reconcile. It also keeps
+the names of the nodes that changed since the main loop last took them (``take``): the
+reconciler's incremental pass plans for those only; a relist makes the next pass full.
 """
 
 from __future__ import annotations
@@ -18,20 +20,33 @@ class NodeCache:
         self._lock = threading.Lock()
         self._nodes: dict[str, NodeSpec] = {}
         self._synced = False
+        self._changed: set[str] = set()
+        self._relisted = False
 
     def apply(self, event: WatchEvent) -> bool:
         """Records the event; False when it changed nothing (a duplicate or a heartbeat)."""
         with self._lock:
             if isinstance(event, Synced):
                 self._nodes = {n.name: n for n in event.nodes}
-                self._synced = True
+                self._synced = self._relisted = True
             elif isinstance(event, Upserted):
                 if self._nodes.get(event.node.name) == event.node:
                     return False  # a status heartbeat or an unrelated field
                 self._nodes[event.node.name] = event.node
-            elif isinstance(event, Deleted) and self._nodes.pop(event.name, None) is None:
-                return False
+                self._changed.add(event.node.name)
+            elif isinstance(event, Deleted):
+                if self._nodes.pop(event.name, None) is None:
+                    return False
+                self._changed.add(event.name)
             return True
+
+    def take(self) -> tuple[list[NodeSpec], set[str] | None]:
+        """The nodes and, taken atomically with them, the names changed since the last
+        take; None instead of names after a relist (every node may have changed)."""
+        with self._lock:
+            changed = None if self._relisted else self._changed
+            self._changed, self._relisted = set(), False
+            return list(self._nodes.values()), changed
 
     def snapshot(self) -> tuple[bool, list[NodeSpec]]:
         """(whether the first complete list arrived, the nodes)."""

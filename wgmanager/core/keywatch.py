@@ -45,24 +45,32 @@ def live_keys(spec: NodeSpec) -> frozenset[PublicKey]:
 def observe(watch: KeyWatch, specs: Iterable[NodeSpec], *, local: str,
             now: float) -> tuple[KeyWatch, tuple[str, ...]]:
     """The new state, and the nodes whose keys jumped (changed with none in common) now."""
+    current = {spec.name: spec for spec in specs}
+    gone: dict[str, NodeSpec | None] = {n: None for n in watch.keys if n not in current}
+    return observe_changed(watch, {**current, **gone}, local=local, now=now)
+
+
+def observe_changed(watch: KeyWatch, changed: Mapping[str, NodeSpec | None], *, local: str,
+                    now: float) -> tuple[KeyWatch, tuple[str, ...]]:
+    """``observe`` for some nodes only (None: deleted); the others are as observed before.
+    The agent's event passes use it: work per changed node, not per node."""
     keys = dict(watch.keys)
     jumps = {n: tuple(t for t in ts if now - t < FLAP_WINDOW) for n, ts in watch.jumps.items()}
     jumped = []
-    seen = set()
-    for spec in specs:
-        if spec.name == local:
+    for name, spec in changed.items():
+        if name == local:
             continue
-        seen.add(spec.name)
+        if spec is None:  # a deleted node: a new one of that name starts afresh
+            keys.pop(name, None)
+            jumps.pop(name, None)
+            continue
         new = live_keys(spec)
-        old = keys.get(spec.name)
+        old = keys.get(name)
         if new:
             if old and not (old & new):
-                jumped.append(spec.name)
-                jumps[spec.name] = (*jumps.get(spec.name, ()), now)
-            keys[spec.name] = new
-    for gone in set(keys) - seen:  # a deleted node: a new one of that name starts afresh
-        keys.pop(gone)
-        jumps.pop(gone, None)
+                jumped.append(name)
+                jumps[name] = (*jumps.get(name, ()), now)
+            keys[name] = new
     return KeyWatch(keys, {n: ts for n, ts in jumps.items() if ts}), tuple(sorted(jumped))
 
 

@@ -1,4 +1,4 @@
-"""Build, load and attach the steering program (bpf/wg_redirect.c) with bcc and pyroute2.
+"""Load and attach the steering program (bpf/wg_redirect.c): bcc in a child, pyroute2 here.
 
 One compiled program serves every attach point: ``from_pod`` on the tc ingress of each pod's
 host-side veth, ``to_underlay`` on the tc egress of the uplink (see docs/architecture.md for
@@ -11,20 +11,21 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import json
 import logging
 import os
-import platform
+import secrets
+import subprocess
+import sys
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
-from typing import Any
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from wgmanager.datapath import libbpf
 from wgmanager.datapath.mounts import fstype_of
 from wgmanager.errors import DatapathError
-from wgmanager.kernel_errors import explain_kernel_error
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ TC_PRIORITY = 10  # low number: runs before generic filters others may add on th
 TC_HANDLE = 0x57  # "W": our filter's handle, so replace/delete never touch anyone else's
 DEFAULT_PIN_DIR = Path("/sys/fs/bpf/wgmanager")
 DEFAULT_MAX_CIDRS = 65536
+COMPILE_TIMEOUT = 120.0  # seconds; a compile takes ~0.3 s, minutes on a starved machine
 
 
 class Hook(enum.StrEnum):
@@ -51,11 +53,6 @@ class Attachment:
     prog_id: int | None
 
 
-def program_source() -> str:
-    src = resources.files("wgmanager.datapath").joinpath("bpf_src/wg_redirect.c")
-    return src.read_text()
-
-
 def ensure_bpffs(pin_dir: Path, *, default_root: Path = Path("/sys/fs/bpf")) -> None:
     """Pinning needs the pin directory on a bpffs that outlives this process.
 
@@ -67,8 +64,6 @@ def ensure_bpffs(pin_dir: Path, *, default_root: Path = Path("/sys/fs/bpf")) -> 
     if not pin_dir.is_relative_to(default_root) or os.path.ismount(default_root):
         raise DatapathError(f"pin directory {pin_dir} is not on a bpffs; mount one "
                             f"(mount -t bpf bpf {default_root}) or choose --pin-dir under it")
-    import subprocess
-
     res = subprocess.run(["mount", "-t", "bpf", "bpf", str(default_root)], capture_output=True,
                          text=True, check=False)
     if res.returncode != 0:
@@ -78,21 +73,34 @@ def ensure_bpffs(pin_dir: Path, *, default_root: Path = Path("/sys/fs/bpf")) -> 
 
 
 class Program:
-    """The compiled program, its loaded functions and its pinned maps."""
+    """The loaded functions (one fd per hook) over the pinned maps.
+
+    bcc compiles and loads in a child process (``wgmanager.datapath.compiler``), so this
+    process never maps LLVM; the child pins the two functions, we open the pins, remove
+    them and keep the fds: attaching is by fd, and the maps are reached through their own
+    pins (``wgmanager.datapath.maps``).
+    """
 
     def __init__(self, *, pin_dir: Path = DEFAULT_PIN_DIR,
                  max_cidrs: int = DEFAULT_MAX_CIDRS) -> None:
         self.pin_dir = pin_dir
         ensure_bpffs(pin_dir)
         pin_dir.mkdir(parents=True, exist_ok=True)
-        self._bpf = _compile(pin_dir, max_cidrs)
         self.fds: dict[Hook, int] = {}
-        for hook in Hook:
-            try:
-                fn = self._bpf.load_func(hook.value.encode(), self._bpf.SCHED_CLS)
-            except Exception as e:
-                raise DatapathError(_explain_load_error(str(e))) from e
-            self.fds[hook] = fn.fd
+        for stale in pin_dir.glob("load-*"):  # left by a loader killed mid-way
+            stale.unlink(missing_ok=True)
+        pins = _load_in_child(pin_dir, max_cidrs)
+        try:
+            for hook in Hook:
+                self.fds[hook] = libbpf.obj_get(pins[hook.value])
+        except OSError as e:
+            self.close()
+            raise DatapathError(f"cannot open the loaded program under {pin_dir}: "
+                                f"{e.strerror}; run as root (CAP_BPF/CAP_SYS_ADMIN)") from e
+        finally:
+            for path in pins.values():
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
 
     def attach(self, ipr: IPRoute, ifname: str, hook: Hook) -> None:
         """Attaches or atomically replaces our filter on ``ifname``'s hook."""
@@ -112,7 +120,34 @@ class Program:
 
     def close(self) -> None:
         """Releases our references; attached filters and pinned maps stay in the kernel."""
-        self._bpf.cleanup()
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds = {}
+
+
+def _load_in_child(pin_dir: Path, max_cidrs: int) -> dict[str, str]:
+    """Runs the compiler child; returns hook name -> the pin of its loaded function."""
+    token = f"{os.getpid()}-{secrets.token_hex(4)}"
+    argv = [sys.executable, "-m", "wgmanager.datapath.compiler", str(pin_dir),
+            str(max_cidrs), token]
+    try:
+        res = subprocess.run(argv, capture_output=True, text=True, check=False,
+                             timeout=COMPILE_TIMEOUT)
+    except subprocess.TimeoutExpired as e:
+        raise DatapathError(f"compiling the eBPF program took over {COMPILE_TIMEOUT:.0f} s; "
+                            "check the machine's load and run `wgmanager doctor`") from e
+    lines = res.stdout.strip().splitlines()
+    try:
+        reply = json.loads(lines[-1]) if lines else {}
+    except json.JSONDecodeError:
+        reply = {}
+    if "pins" in reply and res.returncode == 0:
+        return dict(reply["pins"])
+    if "error" in reply:
+        raise DatapathError(str(reply["error"]))
+    tail = " ".join((res.stderr or res.stdout).split())[-300:]
+    raise DatapathError(f"the eBPF compiler process failed (exit {res.returncode}): {tail}; "
+                        "run `wgmanager doctor`")
 
 
 def detach(ipr: IPRoute, ifname: str, hook: Hook) -> bool:
@@ -155,58 +190,3 @@ def _ifindex(ipr: IPRoute, ifname: str) -> int:
     if not links:
         raise DatapathError(f"network device {ifname!r} does not exist")
     return int(links[0])
-
-
-def _compile(pin_dir: Path, max_cidrs: int) -> Any:
-    try:
-        from bcc import BPF
-    except ImportError as e:
-        raise DatapathError("the bcc Python module is missing; install Debian's python3-bpfcc "
-                            "(the PyPI package named 'bcc' is unrelated)") from e
-    headers = Path("/lib/modules") / platform.release() / "build"
-    if not headers.exists():
-        raise DatapathError(f"kernel headers for bcc are missing ({headers} does not exist); "
-                            "install linux-headers and link them there (make setup does it)")
-    cflags = [f'-DWGM_PIN_DIR="{pin_dir}"', f"-DWGM_MAX_CIDRS={max_cidrs}",
-              "-Wno-unused-value", "-Wno-pointer-sign", "-Wno-compare-distinct-pointer-types"]
-    with _quiet_stderr() as captured:
-        try:
-            # bcc wants bytes: a str works but warns with the whole C source on every load.
-            return BPF(text=program_source().encode(), cflags=cflags)
-        except Exception as e:
-            raise DatapathError(_explain_compile_error(str(e), captured())) from e
-
-
-def _explain_compile_error(message: str, stderr: str) -> str:
-    # bcc's exception says only "Failed to compile"; the cause is in its (captured) stderr.
-    return explain_kernel_error(f"{message}\n{stderr}", context="bpf-compile")
-
-
-def _explain_load_error(message: str) -> str:
-    return explain_kernel_error(message, context="bpf-load")
-
-
-@contextlib.contextmanager
-def _quiet_stderr() -> Any:
-    """bcc prints compiler output to fd 2; capture it so errors become one clear line."""
-    import tempfile
-
-    saved = os.dup(2)
-    with tempfile.TemporaryFile(mode="w+b") as tmp:
-        os.dup2(tmp.fileno(), 2)
-        restored = False
-
-        def read() -> str:
-            nonlocal restored
-            if not restored:
-                os.dup2(saved, 2)
-                restored = True
-            tmp.seek(0)
-            return tmp.read().decode(errors="replace")
-
-        try:
-            yield read
-        finally:
-            if not restored:
-                os.dup2(saved, 2)
-            os.close(saved)

@@ -1,8 +1,10 @@
 """ctypes bindings to the few libbpf calls wgmanager needs beyond bcc.
 
-bcc compiles and loads the program; libbpf (which bcc itself links) gives a stable C API for
-opening pinned maps, reading and writing them without recompiling (so ``status`` works on a
-node with no compiler), and BPF_PROG_TEST_RUN, which bcc 0.26 does not expose.
+bcc compiles and loads the program, in a short-lived child (``wgmanager.datapath.compiler``);
+libbpf (a small C library, which bcc itself links) gives a stable C API for pinning and
+opening pinned programs and maps, reading and writing maps without recompiling (so the
+agent and ``status`` never map bcc's compiler), and BPF_PROG_TEST_RUN, which bcc 0.26 does
+not expose.
 """
 
 from __future__ import annotations
@@ -46,12 +48,13 @@ def _lib() -> ctypes.CDLL:
         raise DatapathError(f"cannot load libbpf ({name}): {e}; install Debian's libbpf1") from e
     vp, i, u64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64
     lib.bpf_obj_get.argtypes = [ctypes.c_char_p]
+    lib.bpf_obj_pin.argtypes = [i, ctypes.c_char_p]
     lib.bpf_map_lookup_elem.argtypes = [i, vp, vp]
     lib.bpf_map_update_elem.argtypes = [i, vp, vp, u64]
     lib.bpf_map_delete_elem.argtypes = [i, vp]
     lib.bpf_map_get_next_key.argtypes = [i, vp, vp]
     lib.bpf_prog_test_run_opts.argtypes = [i, ctypes.POINTER(_TestRunOpts)]
-    for fn in ("bpf_obj_get", "bpf_map_lookup_elem", "bpf_map_update_elem",
+    for fn in ("bpf_obj_get", "bpf_obj_pin", "bpf_map_lookup_elem", "bpf_map_update_elem",
                "bpf_map_delete_elem", "bpf_map_get_next_key", "bpf_prog_test_run_opts"):
         getattr(lib, fn).restype = i
     return lib
@@ -69,6 +72,14 @@ def obj_get(path: str) -> int:
         err = _errno(fd)
         raise OSError(err, os.strerror(err), path)
     return int(fd)
+
+
+def obj_pin(fd: int, path: str) -> None:
+    """Pins a loaded program or map at ``path`` (on a bpffs) so another process can open it."""
+    ret = _lib().bpf_obj_pin(fd, path.encode())
+    if ret != 0:
+        err = _errno(ret)
+        raise OSError(err, os.strerror(err), path)
 
 
 def lookup(fd: int, key: ctypes._CData, value: ctypes._CData) -> bool:

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import TypeVar
 
 from wgmanager.core.keys import PrivateKey, PublicKey
 from wgmanager.core.model import DeviceState, Endpoint, IPNetwork, PeerState, network_sort_key
 from wgmanager.core.plan import AddPeer, PeerOp, RemovePeer
+
+T = TypeVar("T")
 
 
 class ProtocolError(ValueError):
@@ -86,8 +89,47 @@ def parse_errno(reply: str) -> int:
     raise ProtocolError("reply has no errno line")
 
 
-def parse_get(ifname: str, reply: str) -> DeviceState:
+class ValueCache:
+    """Parsed keys, networks and endpoints by their text, kept between ``get`` replies.
+
+    A dump of 5,000 peers is 5,000 keys, 10,000 allowed IPs and 5,000 endpoints that are
+    the same strings reply after reply; building their objects was most of a parse (~0.16 s
+    at 5,000 peers). One cache per backend; it is bounded (cleared when full).
+    """
+
+    LIMIT = 200_000
+
+    def __init__(self) -> None:
+        self._keys: dict[str, PublicKey] = {}
+        self._nets: dict[str, IPNetwork] = {}
+        self._endpoints: dict[str, Endpoint] = {}
+
+    def key(self, text: str) -> PublicKey:
+        return _cached(self._keys, text, PublicKey.from_hex, self.LIMIT)
+
+    def net(self, text: str) -> IPNetwork:
+        return _cached(self._nets, text, _network, self.LIMIT)
+
+    def endpoint(self, text: str) -> Endpoint:
+        return _cached(self._endpoints, text, Endpoint.parse, self.LIMIT)
+
+
+def _network(text: str) -> IPNetwork:
+    return ipaddress.ip_network(text, strict=False)
+
+
+def _cached(table: dict[str, T], text: str, make: Callable[[str], T], limit: int) -> T:
+    hit = table.get(text)
+    if hit is None:
+        if len(table) >= limit:
+            table.clear()
+        hit = table[text] = make(text)
+    return hit
+
+
+def parse_get(ifname: str, reply: str, cache: ValueCache | None = None) -> DeviceState:
     """Parses a ``get`` reply. The private key is reduced to its public key at once."""
+    values = cache if cache is not None else ValueCache()
     public: PublicKey | None = None
     listen_port = 0
     fwmark = 0
@@ -96,7 +138,7 @@ def parse_get(ifname: str, reply: str) -> DeviceState:
 
     def flush() -> None:
         if cur is not None:
-            st = _peer_state(cur)
+            st = _peer_state(cur, values)
             peers[st.public_key] = st
 
     for line in reply.splitlines():
@@ -111,7 +153,7 @@ def parse_get(ifname: str, reply: str) -> DeviceState:
             continue
         if key == "public_key":
             flush()
-            cur = {"public_key": PublicKey.from_hex(value), "allowed_ips": []}
+            cur = {"public_key": values.key(value), "allowed_ips": []}
             continue
         if cur is None:
             if key == "private_key":
@@ -124,7 +166,7 @@ def parse_get(ifname: str, reply: str) -> DeviceState:
         if key == "allowed_ip":
             allowed = cur["allowed_ips"]
             assert isinstance(allowed, list)
-            allowed.append(ipaddress.ip_network(value, strict=False))
+            allowed.append(values.net(value))
         else:
             cur[key] = value
     flush()
@@ -132,7 +174,7 @@ def parse_get(ifname: str, reply: str) -> DeviceState:
                        peers=peers)
 
 
-def _peer_state(raw: dict[str, object]) -> PeerState:
+def _peer_state(raw: dict[str, object], values: ValueCache) -> PeerState:
     endpoint = raw.get("endpoint")
     sec = int(str(raw.get("last_handshake_time_sec", "0")))
     nsec = int(str(raw.get("last_handshake_time_nsec", "0")))
@@ -142,7 +184,7 @@ def _peer_state(raw: dict[str, object]) -> PeerState:
     assert isinstance(key, PublicKey)
     return PeerState(
         public_key=key,
-        endpoint=Endpoint.parse(str(endpoint)) if endpoint else None,
+        endpoint=values.endpoint(str(endpoint)) if endpoint else None,
         allowed_ips=frozenset(allowed),
         persistent_keepalive=int(str(raw.get("persistent_keepalive_interval", "0"))),
         last_handshake=(sec + nsec / 1e9) if sec or nsec else None,

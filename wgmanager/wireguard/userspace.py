@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 DEFAULT_SOCKET_DIR = Path("/var/run/wireguard")
 _NATIVE_SOCKET_DIRS = {Path("/var/run/wireguard"), Path("/run/wireguard")}
 WANT_SUFFIX = ".want"
+SET_BATCH = 1000  # peer operations per UAPI set request (bounds one request's size and lock)
 
 
 def want_path(socket_dir: Path, ifname: str) -> Path:
@@ -130,6 +131,7 @@ class UserspaceBackend:
         self.spawn = spawn
         self.binary = binary
         self.timeout = timeout
+        self._values = uapi.ValueCache()  # parsed keys/networks/endpoints across reads
 
     @property
     def socket_path(self) -> Path:
@@ -274,16 +276,33 @@ class UserspaceBackend:
         with self._session() as conn:
             reply = conn.request(uapi.get_request())
         try:
-            return uapi.parse_get(self.ifname, reply)
+            return uapi.parse_get(self.ifname, reply, self._values)
         except (uapi.ProtocolError, ValueError) as e:
             raise DeviceError(f"unreadable state from wireguard-go on {self.ifname}: {e}") from e
 
     def apply(self, ops: Sequence[PeerOp]) -> None:
+        """Applies ``ops`` in order, up to ``SET_BATCH`` of them per ``set`` request.
+
+        wireguard-go takes any number of peer sections in one request (5,000 peers: one
+        request instead of 5,000 round trips). It stops at the first line it rejects and
+        says only the errno, so a rejected batch is sent again one operation per request:
+        the error then names the operation, as one request per operation did. Replaying is
+        safe: each operation sets what it names (the peer, its endpoint, which peer holds
+        an allowed IP), so running a batch's prefix twice, in order, ends the same.
+        """
         if not ops:
             return
         with self._session() as conn:
-            for op in ops:
-                self._check(conn.request(uapi.set_request(uapi.op_lines(op))), _describe(op))
+            for start in range(0, len(ops), SET_BATCH):
+                batch = ops[start:start + SET_BATCH]
+                reply = conn.request(uapi.set_request(
+                    line for op in batch for line in uapi.op_lines(op)))
+                if len(batch) == 1:
+                    self._check(reply, _describe(batch[0]))
+                elif abs(uapi.parse_errno(reply)) != 0:
+                    for op in batch:
+                        self._check(conn.request(uapi.set_request(uapi.op_lines(op))),
+                                    _describe(op))
 
     def _set(self, lines: list[str], *, what: str) -> None:
         with self._session() as conn:
