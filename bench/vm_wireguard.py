@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.kernel import vm  # noqa: E402
+from tests.kernel import vm
 
 
 def main() -> int:
