@@ -76,4 +76,8 @@ bash scripts/build-kubernetes.sh
 # archives in /var/cache/wgmanager/images, keyed by input digest; prints the agent's tag.
 agent_image=$(bash scripts/build-images.sh)
 log "agent image: $agent_image"
+# The kernel lane's VM image (Debian's kernel with WireGuard, a Debian root filesystem with
+# bcc and that kernel's headers) in /var/cache/wgmanager/vm-<digest>: tests/kernel.
+vm_image=$(bash scripts/build-vm.sh)
+log "kernel lane VM image: $vm_image"
 log "done"

@@ -1,5 +1,5 @@
-"""Marks every test under tests/integration and tests/e2e as `integration` (root, real
-kernel objects), so `pytest -m "not integration"` runs only the fast pure tests."""
+"""Marks every test under tests/integration, tests/e2e and tests/kernel as `integration`
+(root, real kernel objects), so `pytest -m "not integration"` runs only the fast pure tests."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-_ROOT_TESTS = [Path(__file__).parent / d for d in ("integration", "e2e")]
+_ROOT_TESTS = [Path(__file__).parent / d for d in ("integration", "e2e", "kernel")]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

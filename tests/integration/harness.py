@@ -17,7 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from wgmanager.lab import kubelets, topology, traffic
@@ -152,6 +152,15 @@ class Cluster:
         return capture(self.topo.underlay_netns, self.topo.bridge,
                        self.run_dir / f"{name}.pcap", wg_ports=(LISTEN_PORT, LISTEN_PORT + 1),
                        pod_nets=tuple(CLUSTER_CIDRS))
+
+    def assert_only_wireguard(self, name: str, traffic: Callable[[], None]) -> None:
+        """Runs ``traffic`` under an underlay capture that must show WireGuard packets and
+        nothing else: no plaintext pod packet, nothing unexpected."""
+        with self.capture(name) as cap:
+            traffic()
+        assert cap.plaintext_pod_packets() == 0
+        assert cap.unexpected_packets() == 0
+        assert cap.wireguard_packets() > 0
 
     # -- cleanup ------------------------------------------------------------------------
 

@@ -27,11 +27,7 @@ def _all_pairs_traffic(cluster: Cluster) -> None:
 
 def test_underlay_carries_only_wireguard_and_detector_sees_plaintext_without_it(
         cluster: Cluster) -> None:
-    with cluster.capture("encrypted") as enc:
-        _all_pairs_traffic(cluster)
-    assert enc.plaintext_pod_packets() == 0
-    assert enc.unexpected_packets() == 0
-    assert enc.wireguard_packets() > 0
+    cluster.assert_only_wireguard("encrypted", lambda: _all_pairs_traffic(cluster))
 
     # Sanity inversion: encryption off (programs detached, device gone, the CNI's plain
     # routes in charge). The same traffic and the same detector must now see pod packets.

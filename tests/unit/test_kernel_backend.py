@@ -12,6 +12,7 @@ import base64
 import errno
 import ipaddress
 import socket
+import threading
 from typing import Any
 
 import pytest
@@ -278,6 +279,7 @@ class FakeKernel:
         self.history: list[dict[str, frozenset[str]]] = []
         self.fail: NetlinkError | None = None
         self.interrupted = 0
+        self.messages: list[Any] = []  # WG_CMD_SET_DEVICE requests, decoded
 
     def set(self, ifname: str, listen_port: int | None = None, fwmark: int | None = None,
             private_key: str | None = None, peer: dict[str, Any] | None = None) -> None:
@@ -316,6 +318,39 @@ class FakeKernel:
         if "persistent_keepalive" in req:
             p["keepalive"] = req["persistent_keepalive"]
 
+    prid = 0x1F  # any family id: the fake answers whatever it is given
+
+    def nlm_request(self, msg: Any, msg_type: int, msg_flags: int) -> tuple[Any, ...]:
+        """One WG_CMD_SET_DEVICE, decoded from its wire bytes as the kernel would see it;
+        its peers are applied in order, and the state after the message is one step of
+        ``history`` (nothing sees a state between the peers of one message)."""
+        if self.fail is not None:
+            raise self.fail
+        msg.encode()
+        wire = wgmsg(bytes(msg.data))
+        wire.decode()
+        self.messages.append(wire)
+        for nla in wire.get_attr("WGDEVICE_A_PEERS") or ():
+            flags = nla.get_attr("WGPEER_A_FLAGS") or 0
+            req: dict[str, Any] = {"public_key": nla.get_attr("WGPEER_A_PUBLIC_KEY").decode(),
+                                   "remove": bool(flags & WGPEER_F_REMOVE_ME),
+                                   "update_only": bool(flags & WGPEER_F_UPDATE_ONLY),
+                                   "replace_allowed_ips": bool(flags & WGPEER_F_REPLACE_ALLOWEDIPS)}
+            ep = nla.get_attr("WGPEER_A_ENDPOINT")
+            if ep is not None:
+                req.update(endpoint_addr=ep["addr"], endpoint_port=ep["port"])
+            keepalive = nla.get_attr("WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL")
+            if keepalive is not None:
+                req["persistent_keepalive"] = keepalive
+            ips = nla.get_attr("WGPEER_A_ALLOWEDIPS")
+            if ips is not None:
+                req["allowed_ips"] = [str(net(a["addr"])) for a in ips]
+            self.calls.append({"listen_port": None, "fwmark": None, "private_key": None,
+                               "peer": req})
+            self._set_peer(req)
+        self.history.append({k: frozenset(p["ips"]) for k, p in self.peers.items()})
+        return ()
+
     def info(self, ifname: str) -> tuple[Any, ...]:
         flags = 0
         if self.interrupted:
@@ -333,7 +368,10 @@ class FakeKernel:
 def fake_backend() -> tuple[KernelBackend, FakeKernel]:
     backend = object.__new__(KernelBackend)
     fake = FakeKernel()
-    backend.ifname, backend.netns, backend._wg, backend._ipr = "wg0", None, fake, None
+    backend.ifname, backend.netns, backend._ipr = "wg0", None, None
+    backend._local, backend._sockets = threading.local(), [fake]
+    backend._local.wg = fake
+    backend._retire_leftover, backend.messages_sent = None, 0
     return backend, fake
 
 

@@ -32,8 +32,8 @@ class AddPeer:
     """Adds ``peer``, or rewrites it if the device has it. With ``fresh`` an existing peer is
     removed first, which drops its sessions: the device then queues traffic for it and starts
     a handshake, instead of encrypting with a session the other side has forgotten (see
-    ``wgmanager.core.rotation.stale_sessions``). wireguard-go does both in one UAPI request;
-    the kernel backend sends two netlink messages (between them no peer holds the IPs)."""
+    ``wgmanager.core.rotation.stale_sessions``). Both backends do it in one request (one UAPI
+    request; one WG_CMD_SET_DEVICE), so no moment passes in which no peer holds the IPs."""
 
     peer: PeerConfig
     fresh: bool = False

@@ -18,13 +18,16 @@ import errno
 import gzip
 import ipaddress
 import os
-from collections.abc import Iterable, Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
 from pyroute2 import IPRoute, WireGuard
+from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
 from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.generic.wireguard import WG_CMD_SET_DEVICE, WG_GENL_VERSION, wgmsg
 
 from wgmanager.core.keys import KEY_LEN, PrivateKey, PublicKey
 from wgmanager.core.model import DeviceState, Endpoint, IPNetwork, PeerState, network_sort_key
@@ -32,8 +35,7 @@ from wgmanager.core.plan import AddPeer, PeerOp, RemovePeer, UpdatePeer
 from wgmanager.errors import BackendUnavailable, DeviceError
 from wgmanager.kernel_errors import describe_wireguard_failure
 from wgmanager.wireguard.backend import BackendKind, DeviceSettings
-
-PeerRequest = dict[str, Any]  # the `peer` argument of pyroute2's WireGuard.set()
+from wgmanager.wireguard.kernel_messages import PeerRequest, pack, peer_nla
 
 _NLM_F_DUMP_INTR = 0x10  # the device changed while it was being dumped
 _READ_ATTEMPTS = 3
@@ -226,22 +228,62 @@ def _describe_op(op: PeerOp) -> str:
     return f"{verb} peer {op.public_key.short()}"
 
 
+def describe_ops(ops: Sequence[PeerOp]) -> str:
+    """What one message does, for its error: the operation, or the first of several."""
+    if len(ops) == 1:
+        return _describe_op(ops[0])
+    return f"{len(ops)} peer operations from {_describe_op(ops[0])} on"
+
+
+def set_device_message(ifname: str, peers: Sequence[PeerRequest]) -> Any:
+    """One WG_CMD_SET_DEVICE request carrying ``peers`` (pyroute2's set() sends one)."""
+    msg = wgmsg()
+    msg["cmd"], msg["version"] = WG_CMD_SET_DEVICE, WG_GENL_VERSION
+    msg["attrs"].append(["WGDEVICE_A_IFNAME", ifname])
+    msg["attrs"].append(["WGDEVICE_A_PEERS", [peer_nla(p) for p in peers]])
+    return msg
+
+
 class KernelBackend:
     """A kernel `wireguard` link named ``ifname``, optionally inside network namespace ``netns``."""
 
     kind = BackendKind.KERNEL
 
-    def __init__(self, ifname: str, *, netns: str | None = None) -> None:
+    def __init__(self, ifname: str, *, netns: str | None = None,
+                 retire_leftover: Callable[[], bool] | None = None) -> None:
+        """``retire_leftover`` stops a wireguard-go device of ours with this name (a node
+        that ran the userspace backend before its kernel had WireGuard) and withdraws its
+        sidecar request; it returns whether there was one. Called once, before the first
+        ``ensure_device`` looks at the link."""
         self.ifname = ifname
         self.netns = netns
-        self._wg: Any = _open_wireguard(netns)  # raises BackendUnavailable
+        # pyroute2's sockets belong to the thread that made them: used from another thread
+        # they open a socket per thread that is never closed, and fail every other call
+        # there (ECONNRESET). So each thread that uses this backend (the agent's loop, the
+        # metrics reader) gets its own, made in that thread.
+        self._local = threading.local()
+        self._sockets: list[Any] = []
+        self._local.wg = _open_wireguard(netns)  # raises BackendUnavailable
+        self._sockets.append(self._local.wg)
         self._ipr: Any = None
+        self._retire_leftover = retire_leftover
+        self.messages_sent = 0  # WG_CMD_SET_DEVICE requests for peers (status, tests)
+
+    @property
+    def _wg(self) -> Any:
+        """This thread's `wireguard` genl socket."""
+        wg = getattr(self._local, "wg", None)
+        if wg is None:
+            wg = self._local.wg = _open_wireguard(self.netns)
+            self._sockets.append(wg)
+        return wg
 
     def close(self) -> None:
-        for sock in (self._wg, self._ipr):
+        for sock in (*self._sockets, self._ipr):
             if sock is not None:
                 sock.close()
-        self._wg = self._ipr = None
+        self._sockets, self._ipr = [], None
+        self._local = threading.local()
 
     def _iproute(self) -> Any:
         if self._ipr is None:
@@ -270,7 +312,14 @@ class KernelBackend:
         return link is not None and link[1] == "wireguard"
 
     def ensure_device(self) -> bool:
+        retire, self._retire_leftover = self._retire_leftover, None
+        ours = retire() if retire is not None else False
         link = self._link()
+        if link is not None and link[1] != "wireguard" and ours:
+            # wireguard-go is gone; a TUN it left (persistent) is ours to remove too.
+            with _netlink_op(self.ifname, f"remove the leftover {link[1]} link"):
+                self._iproute().link("del", index=link[0])
+            link = None
         if link is not None:
             if link[1] != "wireguard":
                 raise self._foreign(link[1])
@@ -318,8 +367,13 @@ class KernelBackend:
         return True
 
     def apply(self, ops: Sequence[PeerOp]) -> None:
-        for op in ops:
-            throwaway = PublicKey(os.urandom(KEY_LEN))
-            with _netlink_op(self.ifname, _describe_op(op)):
-                for req in peer_requests(op, throwaway):
-                    self._wg.set(self.ifname, peer=req)
+        """Sends ``ops`` in as few messages as fit (``kernel_messages``), in order."""
+        requests = [(req, op) for op in ops
+                    for req in peer_requests(op, PublicKey(os.urandom(KEY_LEN)))]
+        for batch in pack(requests):
+            in_batch = list(dict.fromkeys(op for _, op in batch))
+            with _netlink_op(self.ifname, describe_ops(in_batch)):
+                msg = set_device_message(self.ifname, [req for req, _ in batch])
+                self._wg.nlm_request(msg, msg_type=self._wg.prid,
+                                     msg_flags=NLM_F_REQUEST | NLM_F_ACK)
+                self.messages_sent += 1
