@@ -204,8 +204,9 @@ def await_converged(lab: KubeLab, what: str, timeout: float = 90) -> None:
                              f"peers held {held}; agent pods {agents}") from None
 
 
-# A pod that talks from its first moment: one echo every 50 ms to a pod on another node.
-CHATTY = "while :; do ping -c 1 -W 1 {dst} >/dev/null 2>&1; sleep 0.05; done"
+# A pod that talks from its first moment: an echo every 50 ms to a pod on another node,
+# answered or not (waiting for each answer sent one a second while the peer was missing).
+CHATTY = "while :; do ping -q -i 0.05 {dst} >/dev/null 2>&1; sleep 0.05; done"
 
 
 def join_with_a_chatty_pod(lab: KubeLab, *, startup_taint: bool) -> tuple[str, int]:
