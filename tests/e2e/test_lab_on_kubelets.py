@@ -14,9 +14,9 @@ the agent's own word:
 - a node joining (a new kubelet, registered with the startup taint): the DaemonSets start
   on it, every node peers with it, and a pod that pings from its first moment never puts a
   plaintext packet on the wire (no pod runs there before the agent is Ready and the
-  controller lifts the taint); the sanity check, a node joining without the taint, shows
-  the detector sees the leak the taint prevents; deleted, a node stops being a peer
-  everywhere;
+  controller lifts the taint); the sanity check, a pod running on a node whose agent has
+  not started, shows the detector sees the leak the taint prevents; deleted, a node stops
+  being a peer everywhere;
 - `lab down` leaves nothing: processes, mounts, cgroups, namespaces, files.
 
 The tests run in file order and share the lab.
@@ -37,6 +37,7 @@ import pytest
 
 from tests.integration.harness import RUN_ROOT
 from wgmanager.lab import chart, kubelets, traffic
+from wgmanager.lab.capture import Capture
 from wgmanager.lab.kubelab import AGENT_SELECTOR, KubeLab
 from wgmanager.lab.lab import LabError, await_condition
 
@@ -209,39 +210,41 @@ def await_converged(lab: KubeLab, what: str, timeout: float = 90) -> None:
 CHATTY = "while :; do ping -q -i 0.05 {dst} >/dev/null 2>&1; sleep 0.05; done"
 
 
-def join_with_a_chatty_pod(lab: KubeLab, *, startup_taint: bool) -> tuple[str, int]:
-    """A node joins with a pod waiting for it that pings a pod on another node from its
-    first moment; returns the node's name and how many of its pods' packets the underlay
-    carried in plaintext from the join until its agent was Ready and peered."""
-    dst = lab.pods[0].ipv4
-    name = lab.next_node_name()
-    # The pod exists before its node: the scheduler binds it, and the agent's pod, the
-    # moment the node registers, so without the taint both start together.
+def create_chatty_pod(lab: KubeLab, node: str) -> str:
+    """A pod bound for ``node`` (which may not exist yet) that pings a pod on another node
+    from its first moment; its name."""
+    name = f"{node}-chatty"
     lab.core.create_namespaced_pod("default", {
-        "metadata": {"name": f"{name}-chatty"},
-        "spec": {"nodeSelector": {"kubernetes.io/hostname": name},
+        "metadata": {"name": name},
+        "spec": {"nodeSelector": {"kubernetes.io/hostname": node},
                  "terminationGracePeriodSeconds": 0,
                  "containers": [{"name": "main", "image": kubelets.images(["busybox"])[0].ref,
-                                 "command": ["sh", "-c", CHATTY.format(dst=dst)]}]}})
-    with lab.capture(f"join-{'tainted' if startup_taint else 'untainted'}") as cap:
-        node = lab.add_node(pods=0, startup_taint=startup_taint)
-        assert node.name == name
-        chart.wait_daemonsets_ready(lab.api, lab.release, nodes=len(lab.nodes), timeout=180)
-        await_converged(lab, f"every node to peer with {node.name}")
-        await_condition(lambda: lab.core.read_namespaced_pod(
-            f"{node.name}-chatty", "default").status.phase == "Running", 60,
-            f"{node.name}-chatty to run", 0.5)
-        time.sleep(2)  # a few more echoes, now through the tunnel
-    cidrs = lab.core.read_node(node.name).spec.pod_cidrs
-    return node.name, cap.count(" or ".join(f"net {c}" for c in cidrs))
+                                 "command": ["sh", "-c", CHATTY.format(dst=lab.pods[0].ipv4)]}]}})
+    return name
 
 
-def test_without_the_startup_taint_a_new_nodes_first_packets_leave_in_plaintext(
-        lab: KubeLab) -> None:
-    """The sanity check of the next test (the detector sees the gap the taint closes): a
-    node registered without the taint runs pods before its agent is Ready."""
-    name, plaintext = join_with_a_chatty_pod(lab, startup_taint=False)
-    print(f"untainted join: {plaintext} plaintext packets from {name}'s pods")
+def running(lab: KubeLab, pod: str) -> bool:
+    return bool(lab.core.read_namespaced_pod(pod, "default").status.phase == "Running")
+
+
+def plaintext_from(lab: KubeLab, node: str, cap: Capture) -> int:
+    cidrs = lab.core.read_node(node).spec.pod_cidrs
+    return cap.count(" or ".join(f"net {c}" for c in cidrs))
+
+
+def test_a_pod_running_before_its_nodes_agent_sends_plaintext(lab: KubeLab) -> None:
+    """The sanity check of the next test: a node joins without the startup taint and without
+    the agent image (so its agent cannot start, deterministically); a pod that pings from its
+    first moment puts plaintext on the wire, and the detector sees it. This is the gap the
+    taint closes."""
+    name = lab.next_node_name()
+    pod = create_chatty_pod(lab, name)
+    with lab.capture("join-untainted") as cap:
+        lab.add_node(pods=0, startup_taint=False, agent_image=False)
+        await_condition(lambda: running(lab, pod), 120, f"{pod} to run", 0.5)
+        time.sleep(3)
+    plaintext = plaintext_from(lab, name, cap)
+    print(f"a pod on {name} before its agent: {plaintext} plaintext packets")
     lab.remove_node(name)
     await_converged(lab, f"{name} to leave every node")
     assert plaintext > 0
@@ -249,11 +252,22 @@ def test_without_the_startup_taint_a_new_nodes_first_packets_leave_in_plaintext(
 
 def test_a_joining_node_gets_peers_everywhere_and_its_pods_are_encrypted_from_the_first_packet(
         lab: KubeLab) -> None:
+    """A pod bound for a node that does not exist yet, pinging from its first moment: the
+    node registers with the startup taint, so the pod runs only once the node's agent is
+    Ready (and the controller lifts the taint): not one plaintext packet."""
     began = time.monotonic()
-    name, plaintext = join_with_a_chatty_pod(lab, startup_taint=True)
-    print(f"{name}: kubelet started -> its agent Ready, peered everywhere, taint removed: "
-          f"{time.monotonic() - began:.1f} s")
-    assert plaintext == 0
+    name = lab.next_node_name()
+    pod = create_chatty_pod(lab, name)
+    with lab.capture("join-tainted") as cap:
+        lab.add_node(pods=0, startup_taint=True)
+        chart.wait_daemonsets_ready(lab.api, lab.release, nodes=len(lab.nodes), timeout=180)
+        await_converged(lab, f"every node to peer with {name}")
+        await_condition(lambda: running(lab, pod), 120, f"{pod} to run", 0.5)
+        time.sleep(3)  # more echoes, now through the tunnel
+    print(f"{name}: kubelet started -> its agent Ready, peered everywhere, taint removed, "
+          f"its pod running: {time.monotonic() - began:.1f} s")
+    assert plaintext_from(lab, name, cap) == 0
+    assert cap.wireguard_packets() > 0
     assert name not in lab.tainted_nodes()
     keys = lab.published_keys()
     for kn in lab.nodes:

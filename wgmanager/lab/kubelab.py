@@ -203,11 +203,12 @@ class KubeLab:
                 if any(t.key == STARTUP_TAINT_KEY for t in n.spec.taints or [])]
 
     def add_node(self, *, pods: int = 1, timeout: float = 300.0,
-                 startup_taint: bool = True) -> SimNode:
+                 startup_taint: bool = True, agent_image: bool = True) -> SimNode:
         """A new node joins as in a real cluster: its namespace on the underlay, containerd,
         a kubelet that registers its Node (with the startup taint unless told otherwise);
         routes to and from it; then its pods. The DaemonSets place their pods on it by
-        themselves (the caller waits for them)."""
+        themselves (the caller waits for them). Without ``agent_image`` the node lacks the
+        wgmanager image, so its agent cannot start (tests: a node whose agent is late)."""
         topo = self.topology
         self.topo = topology.add_node(topo, self._next_index())
         sim = self.topology.nodes[-1]
@@ -215,7 +216,8 @@ class KubeLab:
         nodenet.dead_end_route(sim.netns)
         trust = ClusterTrust.of(self.root / "controlplane",
                                 f"https://{topo.host_address}:{API_PORT}")
-        wanted = kubelets.images(["pause", *(n for n in IMAGES if n != "pause")])
+        wanted = kubelets.images(["pause", *(n for n in IMAGES if n != "pause"
+                                              and (agent_image or n != "wgmanager"))])
         joined = kubelets.start_nodes([sim], self.root, trust, prefix=self.prefix,
                                       pod_mtu=topo.pod_mtu, images=wanted, timings={},
                                       register_taints=(STARTUP_TAINT,) if startup_taint
