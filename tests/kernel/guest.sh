@@ -6,7 +6,9 @@
 project=$1
 out=/run/wgm-out
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root
-mount -t tmpfs -o mode=0755 tmpfs /tmp 2>/dev/null; chmod 1777 /tmp
+# No tmpfs on /tmp: the root is already an overlay on tmpfs, and a mount there would hide
+# a project that lives under /tmp (a CI checkout in a mktemp directory).
+chmod 1777 /tmp
 mkdir -p /run/netns /sys/fs/bpf
 mount -t bpf bpf /sys/fs/bpf
 mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
