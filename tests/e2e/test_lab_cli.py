@@ -5,26 +5,14 @@ from __future__ import annotations
 
 import json
 import secrets
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import LAB_PIN_ROOT, RUN_ROOT, cleanup_prefix
+from tests.e2e.labcli import LabCLI
+from tests.integration.harness import LAB_PIN_ROOT, cleanup_prefix
 from wgmanager.lab import topology
-
-
-class LabCLI:
-    def __init__(self, prefix: str) -> None:
-        self.prefix = prefix
-        self.root = RUN_ROOT / prefix
-
-    def __call__(self, *argv: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "wgmanager", "lab", "--root",
-                               str(self.root), "--prefix", self.prefix, *argv],
-                              capture_output=True, text=True, check=False, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +23,7 @@ def lab() -> Iterator[LabCLI]:
         res = cli("up", "--nodes", "3", "--pods-per-node", "1", "--agents", "processes")
         assert res.returncode == 0, res.stdout + res.stderr
         assert "converged" in res.stdout
+        cli.adopt()  # this process takes it down
         yield cli
     finally:
         cli("down")

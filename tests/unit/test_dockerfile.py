@@ -20,8 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 # What the agent, its sidecar and the chart's containers run in the image.
-IMAGE_PACKAGES = {"python3", "python3-venv", "python3-bpfcc", "bpfcc-tools", "wireguard-tools",
-                  "iproute2"}
+IMAGE_PACKAGES = {"python3", "python3-venv", "python3-bpfcc", "wireguard-tools", "iproute2"}
 
 
 def instructions() -> list[tuple[str, str]]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,12 +22,33 @@ from typing import Any
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
+from urllib3.connection import HTTPConnection
 from urllib3.exceptions import HTTPError
 
 from wgmanager.errors import ConfigError, WgmError
 from wgmanager.kube.translate import annotations_patch
 
 log = logging.getLogger(__name__)
+
+# TCP keepalive on every connection to the API server (client-go dials with one too). A
+# watch waits for the server to speak; if the server's end of the connection vanished
+# without a word reaching us (a NAT table replaced under it, a load balancer or API server
+# failing over), the read would otherwise wait out the whole watch timeout (5.5 min) and the
+# node would miss every change meanwhile. With these, a peer that answers with a reset is
+# found after KEEPALIVE_IDLE seconds of silence, a black hole after idle + interval * count.
+KEEPALIVE_IDLE = 15
+KEEPALIVE_INTERVAL = 5
+KEEPALIVE_COUNT = 4
+
+
+def keepalive_socket_options(idle: int = KEEPALIVE_IDLE, interval: int = KEEPALIVE_INTERVAL,
+                             count: int = KEEPALIVE_COUNT) -> list[tuple[int, int, int]]:
+    """urllib3 socket options: its defaults (no Nagle) plus Linux TCP keepalive."""
+    return [*HTTPConnection.default_socket_options,
+            (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+            (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle),
+            (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval),
+            (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)]
 
 
 class KubeError(WgmError):
@@ -78,6 +100,7 @@ def load_api(kubeconfig: Path | None) -> k8s.ApiClient:
         where = kubeconfig or "in-cluster service account"
         raise ConfigError(f"cannot load Kubernetes credentials from {where}: {e}; pass "
                           "--kubeconfig or run inside a pod with a service account") from e
+    cfg.socket_options = keepalive_socket_options()
     return k8s.ApiClient(cfg)
 
 

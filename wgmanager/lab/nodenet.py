@@ -13,7 +13,6 @@ each node's network namespace only:
 from __future__ import annotations
 
 import ipaddress
-import subprocess
 
 from wgmanager.lab import topology
 from wgmanager.lab.controlplane import SERVICE_IP
@@ -79,6 +78,10 @@ def service_dnat(netns: str, api_host: str, api_port: int) -> None:
 
 
 def _nft(netns: str, table: str, lines: list[str], *, family: str) -> None:
-    subprocess.run(["ip", "netns", "exec", netns, "nft", "delete", "table", family, table],
-                   capture_output=True, check=False)
-    topology.run(["ip", "netns", "exec", netns, "nft", "-f", "-"], input="\n".join(lines) + "\n")
+    """Replaces ``table`` in one nft transaction. Deleting it first in a separate step left
+    the node without NAT hooks for a moment; a packet of an established DNATed connection
+    arriving then (an API server's watch event) was not translated back, the node answered
+    it with a reset, and the agent's watch hung on a connection the server had closed."""
+    script = [f"add table {family} {table}", f"delete table {family} {table}", *lines]
+    topology.run(["ip", "netns", "exec", netns, "nft", "-f", "-"],
+                 input="\n".join(script) + "\n")
