@@ -88,7 +88,18 @@ class ReconcileResult:
     seconds: float = 0.0
     alt_device: DeviceState | None = None  # the second device while rotating the key
     rotation: Progress | None = None  # peers confirmed so far (SWITCH and ROLLBACK)
-    full: bool = True  # False: an incremental pass (the changed nodes only)
+    # What the pass covered: FULL (everything read and planned), CHANGES (an incremental
+    # pass for changed nodes or new pod veths) or TIMERS (an incremental pass with no
+    # change: a replaced peer's removal or a first-handshake check fell due).
+    kind: str = "full"
+
+    @property
+    def full(self) -> bool:
+        """Whether every node and the live state were read and planned."""
+        return self.kind == FULL
+
+
+FULL, CHANGES, TIMERS = "full", "changes", "timers"
 
 
 class NodeReconciler:
@@ -365,7 +376,8 @@ class NodeReconciler:
         device = DeviceState(model.header.name, model.header.public_key,
                              model.header.listen_port, model.header.fwmark, dict(model.peers))
         result = ReconcileResult(mesh, tuple(ops), map_plan, device,
-                                 seconds=time.monotonic() - started, full=False)
+                                 seconds=time.monotonic() - started,
+                                 kind=CHANGES if change.names or new_links else TIMERS)
         log.info("reconciled", extra={"peers": len(model.peers), "peer_ops": len(ops),
                                       "map_upserts": len(map_plan.upserts),
                                       "map_deletes": len(map_plan.deletes),
@@ -468,9 +480,9 @@ class NodeReconciler:
         due = any(t <= now for t in pending.values())
         if own is None or not (added or due):
             return
-        # Only a check that fell due needs the device's handshake times (a full read).
-        peers = backend.read().peers if due else {}
-        keys, pending = handshakes_to_start(own, added, pending, peers, now)
+        # Only a check that fell due needs handshake times, and only of the peers it checks.
+        sessions = backend.handshakes([k for k, t in pending.items() if t <= now]) if due else {}
+        keys, pending = handshakes_to_start(own, added, pending, sessions, now)
         self._following[backend.ifname] = pending
         start_handshakes(backend, keys)
 

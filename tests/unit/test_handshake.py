@@ -7,13 +7,8 @@ from hypothesis import strategies as st
 
 from wgmanager.core.handshake import FOLLOWER_WAIT, handshakes_to_start, leads
 from wgmanager.core.keys import PublicKey
-from wgmanager.core.model import PeerState
 
 from .strategies import PROPERTY, public_keys
-
-
-def state(key: PublicKey, handshake: float | None = None) -> PeerState:
-    return PeerState(key, None, frozenset(), last_handshake=handshake)
 
 
 @PROPERTY
@@ -45,10 +40,10 @@ def test_the_follower_starts_only_when_no_session_arrived(own: PublicKey, peer: 
     start, pending = handshakes_to_start(own, [peer], {}, {}, now=0.0)
     assert start == [] and peer in pending
     # Not due yet: nothing happens, the check stays.
-    start, pending = handshakes_to_start(own, [], pending, {peer: state(peer)}, now=0.1)
+    start, pending = handshakes_to_start(own, [], pending, {peer: None}, now=0.1)
     assert start == [] and peer in pending
     # Due: a session from the leader means nothing to do; none means we start one.
-    seen = state(peer, 1234.5 if arrived else None)
+    seen = 1234.5 if arrived else None
     start, pending = handshakes_to_start(own, [], pending, {peer: seen}, now=FOLLOWER_WAIT)
     assert start == ([] if arrived else [peer])
     assert pending == {}

@@ -22,7 +22,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 from wgmanager.core.keys import PublicKey
-from wgmanager.core.model import PeerState
 
 # How long the follower of a pair waits for the leader's handshake before starting its own:
 # long enough for the leader to have added the peer in the common case (both sides react to
@@ -36,13 +35,16 @@ def leads(own: PublicKey, peer: PublicKey) -> bool:
 
 
 def handshakes_to_start(own: PublicKey, added: Iterable[PublicKey],
-                        pending: Mapping[PublicKey, float], peers: Mapping[PublicKey, PeerState],
+                        pending: Mapping[PublicKey, float],
+                        sessions: Mapping[PublicKey, float | None],
                         now: float) -> tuple[list[PublicKey], dict[PublicKey, float]]:
     """The peers to start a handshake with now, and the follower checks still to come.
 
     ``added`` are the peers just added; ``pending`` maps a peer we follow to the time of its
-    check; ``peers`` is the device as read now. A check that falls due starts a handshake
-    only if the peer is still there and still has none.
+    check; ``sessions`` maps each peer whose check is due and that the device still holds to
+    its last handshake time as read now (None: never; ``WireGuardBackend.handshakes``). A
+    check that falls due starts a handshake only if the peer is still there and still has
+    none.
     """
     start = [k for k in added if leads(own, k)]
     waiting = dict(pending)
@@ -51,7 +53,6 @@ def handshakes_to_start(own: PublicKey, added: Iterable[PublicKey],
         if due > now:
             continue
         del waiting[key]
-        peer = peers.get(key)
-        if peer is not None and peer.last_handshake is None:
+        if key in sessions and sessions[key] is None:
             start.append(key)
     return start, waiting
