@@ -364,9 +364,13 @@ class NodeReconciler:
             desired = {k: mesh.peers[k] for k in keys if k in mesh.peers}
             actual = {k: model.peers[k] for k in keys if k in model.peers}
             ops = self._plan_scoped(cur, desired, actual, keys, now)
-            cur.apply(ops)
+            device_started = time.monotonic()
+            # The first handshakes ride in the same request as the peers they are for: one
+            # wait for the device's configuration lock per pass, not three.
+            kicks = self._handshakes_due(cur, model.header.public_key, new_peers(ops))
+            cur.apply([*ops, *handshake_kicks(kicks)])
             model.apply(ops)
-            self._start_handshakes(cur, model.header.public_key, new_peers(ops))
+            device_s = time.monotonic() - device_started
             map_plan = plan_map(scoped_entries(mesh, change.names, model, cfg, claims=claims),
                                 restrict(self._map, scope))
             self._write_map(maps, map_plan)
@@ -382,7 +386,9 @@ class NodeReconciler:
                                       "map_upserts": len(map_plan.upserts),
                                       "map_deletes": len(map_plan.deletes),
                                       "changed_nodes": len(change.names), "full": False,
-                                      "ms": round(1000 * result.seconds, 1)})
+                                      "ms": round(1000 * result.seconds, 1),
+                                      # of which waiting on the WireGuard device
+                                      "device_ms": round(1000 * device_s, 1)})
         return result
 
     def _plan_scoped(self, backend: WireGuardBackend, desired: dict[PublicKey, PeerConfig],
@@ -467,24 +473,23 @@ class NodeReconciler:
         backend.apply(ops)
         self._written_endpoints[backend.ifname] = {
             k: p.endpoint for k, p in desired.items() if p.endpoint is not None}
-        self._start_handshakes(backend, state.public_key, new_peers(ops))
+        start_handshakes(backend, self._handshakes_due(backend, state.public_key,
+                                                       new_peers(ops)))
         return ops
 
-    def _start_handshakes(self, backend: WireGuardBackend, own: PublicKey | None,
-                          added: list[PublicKey]) -> None:
-        """Starts the first handshake with new peers we lead, and with peers we follow whose
-        leader's handshake did not arrive (``wgmanager.core.handshake``). During a key
-        rotation that handshake is also the peer's confirmation."""
+    def _handshakes_due(self, backend: WireGuardBackend, own: PublicKey | None,
+                        added: list[PublicKey]) -> list[PublicKey]:
+        """The peers to kick now: new peers we lead, and peers we follow whose check fell
+        due (the device starts a handshake only where the leader's did not arrive:
+        ``wgmanager.core.handshake``). During a key rotation that handshake is also the
+        peer's confirmation."""
         pending = self._following.get(backend.ifname, {})
         now = self._clock()
-        due = any(t <= now for t in pending.values())
-        if own is None or not (added or due):
-            return
-        # Only a check that fell due needs handshake times, and only of the peers it checks.
-        sessions = backend.handshakes([k for k, t in pending.items() if t <= now]) if due else {}
-        keys, pending = handshakes_to_start(own, added, pending, sessions, now)
+        if own is None or not (added or any(t <= now for t in pending.values())):
+            return []
+        keys, pending = handshakes_to_start(own, added, pending, now)
         self._following[backend.ifname] = pending
-        start_handshakes(backend, keys)
+        return keys
 
     def next_deadline(self) -> float | None:
         """When a reconcile is next needed (monotonic time): to remove a replaced peer, or to
@@ -513,16 +518,23 @@ class NodeReconciler:
 HANDSHAKE_KICK = 25  # seconds; any non-zero value makes the device send a keepalive now
 
 
-def start_handshakes(backend: WireGuardBackend, keys: list[PublicKey]) -> None:
-    """Makes the device start a handshake with each of ``keys`` that has no session.
+def handshake_kicks(keys: list[PublicKey]) -> list[UpdatePeer]:
+    """The operations that make a device start a handshake with each of ``keys`` that has
+    no session, applied in order (in one request, or after the operations adding them).
 
     Turning persistent keepalive on sends a keepalive at once in both wireguard-go and the
-    kernel, and a keepalive without a session starts a handshake; it is turned back off right
-    after. Devices send at most one initiation per peer every 5 s, so this is cheap to repeat.
+    kernel (when the setting goes from 0 to non-zero, as each peer's section is applied), and
+    a keepalive without a session starts a handshake; it is turned back off right after.
+    Devices send at most one initiation per peer every 5 s, so this is cheap to repeat.
     """
+    return ([UpdatePeer(k, persistent_keepalive=HANDSHAKE_KICK) for k in keys]
+            + [UpdatePeer(k, persistent_keepalive=0) for k in keys])
+
+
+def start_handshakes(backend: WireGuardBackend, keys: list[PublicKey]) -> None:
+    """Makes the device start a handshake with each of ``keys`` (``handshake_kicks``)."""
     if keys:
-        backend.apply([UpdatePeer(k, persistent_keepalive=HANDSHAKE_KICK) for k in keys])
-        backend.apply([UpdatePeer(k, persistent_keepalive=0) for k in keys])
+        backend.apply(handshake_kicks(keys))
 
 # How long a peer whose allowed IPs moved to its replacement (a node's new key) stays on the
 # device before it is removed. Removing a peer discards the packets it is still encrypting

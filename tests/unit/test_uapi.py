@@ -603,39 +603,3 @@ def test_planned_ops_through_wireguard_go_match_the_reference_model(
     assert configs(got) == configs(apply_peer_ops(actual, ops))
     assert configs(got) == desired
 
-
-# ---------------------------------------------------------------------------------------------
-# handshake times of a few peers (the first-handshake checks)
-
-
-def test_parse_handshakes_of_the_keys_asked_only() -> None:
-    k3 = PublicKey(bytes([3]) * KEY_LEN)
-    assert uapi.parse_handshakes(REPLY, [K1, K2, k3]) == {K1: 1700000000.5, K2: None}
-    assert uapi.parse_handshakes(REPLY, [K2]) == {K2: None}
-    assert uapi.parse_handshakes(REPLY, []) == {}
-
-
-def test_parse_handshakes_of_a_failed_get_raises() -> None:
-    with pytest.raises(ProtocolError):
-        uapi.parse_handshakes("errno=-5\n\n", [K1])
-
-
-@FAST
-@given(st.dictionaries(public_keys, st.tuples(st.integers(0, 2**40), st.integers(0, 10**9 - 1)),
-                       max_size=8),
-       st.lists(public_keys, max_size=4), st.booleans())
-def test_parse_handshakes_agrees_with_parse_get(times: dict[PublicKey, tuple[int, int]],
-                                                 extra: list[PublicKey],
-                                                 header: bool) -> None:
-    """Whatever the peers and their order, and with or without device lines first."""
-    lines = [f"private_key={PRIV_HEX}", "listen_port=51820"] if header else []
-    for key, (sec, nsec) in times.items():
-        lines += [f"public_key={key.hex()}", "protocol_version=1",
-                  f"last_handshake_time_sec={sec}", f"last_handshake_time_nsec={nsec}",
-                  "tx_bytes=0", "rx_bytes=0", "persistent_keepalive_interval=0",
-                  "allowed_ip=10.0.0.0/24"]
-    reply = "\n".join([*lines, "errno=0"]) + "\n\n"
-    full = uapi.parse_get("wgm0", reply).peers
-    asked = [*times, *extra]
-    assert uapi.parse_handshakes(reply, asked) == {
-        k: full[k].last_handshake for k in asked if k in full}

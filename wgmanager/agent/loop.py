@@ -15,7 +15,9 @@ Threads and their jobs:
 
 Events are coalesced only when they come in bursts (``coalesce_delay``): an event on a
 quiet cluster is reconciled at once, and while events keep coming, passes start at most
-one ``debounce`` after the previous pass ended, so each takes all that arrived meanwhile.
+one ``debounce`` after the previous pass that took events ended, so each takes all that
+arrived meanwhile (passes for timers and resyncs open no window: the event after a peer's
+delayed removal is no burst).
 A fixed wait after every first event would add the whole debounce to every change (100 of
 a key change's ~150 ms at 5,000 nodes), where it buys nothing unless more events follow.
 
@@ -114,7 +116,9 @@ class Agent:
         self._new_links: set[str] = set()  # pod veths that appeared (guarded by _lock)
         self._force_full = True  # SIGHUP: the next pass reads and rewrites everything
         self._last_pass_s = 0.0  # how long the last reconcile took
-        self._last_pass_end = float("-inf")  # monotonic time the last reconcile ended
+        # When the last pass that took node events ended (passes for timers or resyncs
+        # do not count: an event after one of them is no burst).
+        self._last_pass_end = float("-inf")
         self._watch_thread: threading.Thread | None = None
         self.metrics = metrics
         self.events = events
@@ -238,7 +242,8 @@ class Agent:
                         new_links=new_links)
                     self.last_reconcile_ok, self.last_error = True, ""
                     self._last_pass_s = result.seconds
-                    self._last_pass_end = time.monotonic()
+                    if pending is not None:
+                        self._last_pass_end = time.monotonic()
                     self.reconciles += 1
                     backoff.reset()
                     if result.full:  # incremental passes do not count as a resync
@@ -270,7 +275,8 @@ class Agent:
                     if self.metrics is not None:
                         self.metrics.reconcile_errors.inc()
                     self.last_reconcile_ok, self.last_error = False, str(e)
-                    self._last_pass_end = time.monotonic()
+                    if pending is not None:
+                        self._last_pass_end = time.monotonic()
                     if self.events is not None:
                         self.events.warning("ReconcileFailed", str(e), subject=type(e).__name__)
                     delay = backoff.next_delay()

@@ -8,11 +8,11 @@ are the same for both and live in ``wgmanager.datapath.links``.
 from __future__ import annotations
 
 import enum
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from wgmanager.core.keys import PrivateKey, PublicKey
+from wgmanager.core.keys import PrivateKey
 from wgmanager.core.model import DeviceState
 from wgmanager.core.plan import PeerOp
 
@@ -48,13 +48,6 @@ class WireGuardBackend(Protocol):
 
     def read(self) -> DeviceState:
         """The device as it is now, peers and statistics included."""
-
-    def handshakes(self, keys: Collection[PublicKey]) -> dict[PublicKey, float | None]:
-        """The last handshake time (Unix seconds, None: never) of each of ``keys`` the
-        device holds; absent keys are not on it. Neither UAPI nor netlink reads one peer,
-        so this still dumps the device, but builds nothing for the other peers: the
-        first-handshake checks run after many key changes, and a full ``read`` at 5,000
-        peers costs ~0.1 s of parsing where this costs a few ms."""
 
     def apply(self, ops: Sequence[PeerOp]) -> None:
         """Applies peer operations in order; each touches only the peer it names."""

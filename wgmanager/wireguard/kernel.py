@@ -19,7 +19,7 @@ import gzip
 import ipaddress
 import os
 import threading
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
@@ -349,13 +349,6 @@ class KernelBackend:
                     return device_state_from_messages(self.ifname, msgs)
         raise DeviceError(f"WireGuard device {self.ifname}: read failed: the device kept"
                           " changing while being read (another tool writing to it?); retry")
-
-    def handshakes(self, keys: Collection[PublicKey]) -> dict[PublicKey, float | None]:
-        # The genetlink family has no per-peer get: a dump, then pick the keys.
-        if not keys:
-            return {}
-        peers = self.read().peers
-        return {k: peers[k].last_handshake for k in keys if k in peers}
 
     def configure(self, settings: DeviceSettings) -> bool:
         have = self.read()

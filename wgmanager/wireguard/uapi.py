@@ -174,33 +174,6 @@ def parse_get(ifname: str, reply: str, cache: ValueCache | None = None) -> Devic
                        peers=peers)
 
 
-def parse_handshakes(reply: str, keys: Iterable[PublicKey]) -> dict[PublicKey, float | None]:
-    """The last handshake time of each of ``keys`` in a ``get`` reply (None: never; absent:
-    not on the device), without parsing the other peers: a few string searches per key."""
-    if parse_errno(reply) != 0:
-        raise ProtocolError(f"get failed with errno {parse_errno(reply)}")
-    out: dict[PublicKey, float | None] = {}
-    reply = "\n" + reply  # every peer's first line then follows a newline
-    for key in keys:
-        start = reply.find(f"\npublic_key={key.hex()}\n")
-        if start < 0:
-            continue
-        end = reply.find("\npublic_key=", start + 1)
-        section = reply[start:end] if end >= 0 else reply[start:]
-        sec = _field(section, "last_handshake_time_sec")
-        nsec = _field(section, "last_handshake_time_nsec")
-        out[key] = (sec + nsec / 1e9) if sec or nsec else None
-    return out
-
-
-def _field(section: str, name: str) -> int:
-    at = section.find(f"\n{name}=")
-    if at < 0:
-        return 0
-    at += len(name) + 2
-    return int(section[at:section.find("\n", at)])
-
-
 def _peer_state(raw: dict[str, object], values: ValueCache) -> PeerState:
     endpoint = raw.get("endpoint")
     sec = int(str(raw.get("last_handshake_time_sec", "0")))

@@ -25,11 +25,10 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO
 
-from wgmanager.core.keys import PublicKey
 from wgmanager.core.model import DeviceState
 from wgmanager.core.plan import AddPeer, PeerOp, RemovePeer
 from wgmanager.errors import BackendUnavailable, DeviceError
@@ -278,16 +277,6 @@ class UserspaceBackend:
             reply = conn.request(uapi.get_request())
         try:
             return uapi.parse_get(self.ifname, reply, self._values)
-        except (uapi.ProtocolError, ValueError) as e:
-            raise DeviceError(f"unreadable state from wireguard-go on {self.ifname}: {e}") from e
-
-    def handshakes(self, keys: Collection[PublicKey]) -> dict[PublicKey, float | None]:
-        if not keys:
-            return {}
-        with self._session() as conn:
-            reply = conn.request(uapi.get_request())
-        try:
-            return uapi.parse_handshakes(reply, keys)
         except (uapi.ProtocolError, ValueError) as e:
             raise DeviceError(f"unreadable state from wireguard-go on {self.ifname}: {e}") from e
 
