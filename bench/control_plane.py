@@ -41,6 +41,7 @@ import argparse
 import contextlib
 import ipaddress
 import json
+import os
 import random
 import signal
 import socket
@@ -433,6 +434,7 @@ def measure(sizes: list[int], changes: dict[int, int], rate: float,
             log(f"  {n} synthetic nodes exist (created at {rate_created:.0f} nodes/s)")
             timeout = 120 + n * 0.1
             code = benchlib.code_version()  # what this size's agent process runs
+            load_before = os.getloadavg()  # a shared machine: say how busy it was
             with benchlib.RssSampler(bench.agent_pid) as rss:
                 program_s, start_cpu, pid = bench.time_to_program(n, timeout=timeout + 600)
                 log(f"  {n}: agent programmed {n} peers in {program_s:.1f} s "
@@ -449,8 +451,10 @@ def measure(sizes: list[int], changes: dict[int, int], rate: float,
                     f"{benchlib.median(busy.latencies_ms):.0f} ms, p99 "
                     f"{benchlib.percentile(busy.latencies_ms, 99):.0f} ms; totals "
                     f"{ {k2: round(v, 1) for k2, v in busy.totals.items()} }")
-            log(f"  {n}: agent peak RSS {rss.peak:.0f} MiB")
+            log(f"  {n}: agent peak RSS {rss.peak:.0f} MiB; load average "
+                f"{load_before[0]:.1f} -> {os.getloadavg()[0]:.1f}")
             out["sizes"][n] = {"code": code, "nodes_created_per_s": rate_created,
+                               "loadavg": {"before": load_before, "after": os.getloadavg()},
                                "program_s": program_s,
                                "start_cpu_s": start_cpu, "peak_rss_mib": rss.peak,
                                "idle": idle.__dict__, "busy": busy.__dict__}
