@@ -29,8 +29,8 @@ For each N (ascending; the lab and the API server are reused, N grows):
   add + remove, address changes are updates).
 - the agent's peak RSS (VmRSS of its pid, sampled every 0.25 s) and CPU seconds
   (utime + stime from /proc/<pid>/stat) per phase, and its own
-  wgmanager_reconcile_duration_seconds and wgmanager_node_event_to_configured_seconds
-  (sum / count over the phase).
+  wgmanager_reconcile_duration_seconds (by kind: full, changes, timers) and
+  wgmanager_node_event_to_configured_seconds (sum / count over the phase).
 
     sudo .venv/bin/python bench/control_plane.py [--sizes 100,1000,5000,10000] [--changes 100]
 """
@@ -41,6 +41,7 @@ import argparse
 import contextlib
 import ipaddress
 import json
+import os
 import random
 import signal
 import socket
@@ -154,16 +155,27 @@ def scrape(netns: str) -> dict[str, float]:
     return out
 
 
+def summed(m: dict[str, float], name: str) -> float:
+    """A series summed over its labels."""
+    return sum(v for k, v in m.items() if k == name or k.startswith(name + "{"))
+
+
+PASS_KINDS = ("full", "changes", "timers")  # wgmanager_reconcile_duration_seconds{kind}
+
+
 def ops(m: dict[str, float]) -> dict[str, float]:
-    return {"add": m.get('wgmanager_peer_operations_total{op="add"}', 0.0),
+    duration = "wgmanager_reconcile_duration_seconds"
+    by_kind = {f"{kind}_{part}": m.get(f'{duration}_{suffix}{{kind="{kind}"}}', 0.0)
+               for kind in PASS_KINDS for part, suffix in (("n", "count"), ("s", "sum"))}
+    return by_kind | {"add": m.get('wgmanager_peer_operations_total{op="add"}', 0.0),
             "update": m.get('wgmanager_peer_operations_total{op="update"}', 0.0),
             "remove": m.get('wgmanager_peer_operations_total{op="remove"}', 0.0),
             "map_upsert": m.get('wgmanager_datapath_map_operations_total{op="upsert"}', 0.0),
             "map_delete": m.get('wgmanager_datapath_map_operations_total{op="delete"}', 0.0),
             "events": m.get("wgmanager_node_event_to_configured_seconds_count", 0.0),
             "event_s": m.get("wgmanager_node_event_to_configured_seconds_sum", 0.0),
-            "reconciles": m.get("wgmanager_reconcile_duration_seconds_count", 0.0),
-            "reconcile_s": m.get("wgmanager_reconcile_duration_seconds_sum", 0.0)}
+            "reconciles": summed(m, f"{duration}_count"),
+            "reconcile_s": summed(m, f"{duration}_sum")}
 
 
 def delta(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
@@ -409,7 +421,8 @@ class Bench:
                      1000 * benchlib.median(polls) if polls else 0.0)
 
 
-def measure(sizes: list[int], changes: dict[int, int], rate: float) -> dict[str, Any]:
+def measure(sizes: list[int], changes: dict[int, int], rate: float,
+            keep_log: Path | None = None) -> dict[str, Any]:
     prefix = benchlib.new_prefix()
     bench = Bench(prefix)
     out: dict[str, Any] = {"sizes": {}, "rate": rate}
@@ -421,6 +434,7 @@ def measure(sizes: list[int], changes: dict[int, int], rate: float) -> dict[str,
             log(f"  {n} synthetic nodes exist (created at {rate_created:.0f} nodes/s)")
             timeout = 120 + n * 0.1
             code = benchlib.code_version()  # what this size's agent process runs
+            load_before = os.getloadavg()  # a shared machine: say how busy it was
             with benchlib.RssSampler(bench.agent_pid) as rss:
                 program_s, start_cpu, pid = bench.time_to_program(n, timeout=timeout + 600)
                 log(f"  {n}: agent programmed {n} peers in {program_s:.1f} s "
@@ -437,8 +451,10 @@ def measure(sizes: list[int], changes: dict[int, int], rate: float) -> dict[str,
                     f"{benchlib.median(busy.latencies_ms):.0f} ms, p99 "
                     f"{benchlib.percentile(busy.latencies_ms, 99):.0f} ms; totals "
                     f"{ {k2: round(v, 1) for k2, v in busy.totals.items()} }")
-            log(f"  {n}: agent peak RSS {rss.peak:.0f} MiB")
+            log(f"  {n}: agent peak RSS {rss.peak:.0f} MiB; load average "
+                f"{load_before[0]:.1f} -> {os.getloadavg()[0]:.1f}")
             out["sizes"][n] = {"code": code, "nodes_created_per_s": rate_created,
+                               "loadavg": {"before": load_before, "after": os.getloadavg()},
                                "program_s": program_s,
                                "start_cpu_s": start_cpu, "peak_rss_mib": rss.peak,
                                "idle": idle.__dict__, "busy": busy.__dict__}
@@ -449,6 +465,9 @@ def measure(sizes: list[int], changes: dict[int, int], rate: float) -> dict[str,
             log("agent log (last lines):\n" + "\n".join(tail))
         raise
     finally:
+        if keep_log is not None:  # the lab's directory goes with it
+            with contextlib.suppress(OSError):
+                keep_log.write_bytes(bench.lab.agent_log_file(bench.node).read_bytes())
         bench.down()
     return out
 
@@ -483,7 +502,18 @@ def size_values(n: int, r: dict[str, Any]) -> dict[str, tuple[float, str, str]]:
         t = ph["totals"]
         if t["reconciles"]:
             v[f"reconcile_{phase}.mean"] = (1000 * t["reconcile_s"] / t["reconciles"], "ms",
-                                            f"the agent's own reconcile duration (mean), {cond}")
+                                            f"the agent's own reconcile duration (mean of "
+                                            f"every pass, full ones included), {cond}")
+        for kind, what in (("changes", "a pass for changed nodes (the key change's own "
+                                       "pass)"),
+                           ("timers", "a pass for due timers only (a replaced peer's "
+                                      "removal, first-handshake checks)"),
+                           ("full", "a full pass (the periodic resync)")):
+            if t.get(f"{kind}_n"):
+                v[f"reconcile_{kind}_{phase}.mean"] = (
+                    1000 * t[f"{kind}_s"] / t[f"{kind}_n"], "ms",
+                    f"the agent's reconcile duration, {what}, mean of {t[f'{kind}_n']:.0f}, "
+                    f"{cond}")
         v[f"agent_cpu_{phase}"] = (ph["agent_cpu_s"] / ph["seconds"], "cores",
                                    f"agent CPU per second of the {phase} phase")
     per = _per_change(r["idle"])
@@ -522,7 +552,8 @@ def entries(raw: dict[str, Any]) -> list[Entry]:
 
 
 def run(*, full: bool = False, sizes: list[int] | None = None,
-        changes: int | None = None, rate: float = 50.0) -> tuple[list[Entry], dict[str, Any]]:
+        changes: int | None = None, rate: float = 50.0,
+        keep_log: Path | None = None) -> tuple[list[Entry], dict[str, Any]]:
     sizes = sizes or ([100, 1000, 5000, 10000] if full else [100, 1000])
     if changes is not None:
         plan = dict.fromkeys(sizes, changes)
@@ -532,7 +563,7 @@ def run(*, full: bool = False, sizes: list[int] | None = None,
         # larger sizes to keep the run's time bounded.
         plan = {n: 100 if n <= 100 or (full and n <= 1000) else 20 if n > 1000 else 10
                 for n in sizes}
-    raw = measure(sizes, plan, rate)
+    raw = measure(sizes, plan, rate, keep_log)
     raw["changes"] = plan
     return entries(raw), raw
 
@@ -544,10 +575,13 @@ def main() -> int:
     p.add_argument("--rate", type=float, default=50.0, help="background changes per second")
     p.add_argument("--full", action="store_true")
     p.add_argument("--json", type=Path)
+    p.add_argument("--keep-agent-log", type=Path, metavar="FILE",
+                   help="copy the agent's log here before the lab is removed")
     a = p.parse_args()
     benchlib.terminate_on_sigterm()
     sizes = [int(s) for s in a.sizes.split(",")] if a.sizes else None
-    rows, raw = run(full=a.full, sizes=sizes, changes=a.changes, rate=a.rate)
+    rows, raw = run(full=a.full, sizes=sizes, changes=a.changes, rate=a.rate,
+                    keep_log=a.keep_agent_log)
     for r in rows:
         print(json.dumps(r))
     if a.json:

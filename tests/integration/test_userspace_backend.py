@@ -46,7 +46,7 @@ from wgmanager.core.plan import (
 )
 from wgmanager.errors import BackendUnavailable, DeviceError
 from wgmanager.lab.lab import LabError, await_condition
-from wgmanager.reconciler import start_handshakes
+from wgmanager.reconciler import handshake_kicks, start_handshakes
 from wgmanager.wireguard import uapi
 from wgmanager.wireguard.backend import DeviceSettings
 from wgmanager.wireguard.userspace import SET_BATCH, UserspaceBackend, process_alive
@@ -753,7 +753,6 @@ def relay_say(proc: subprocess.Popen[str], command: str) -> None:
 
 
 def naive_start(own: PublicKey, added: list[PublicKey], pending: Mapping[PublicKey, float],
-                peers: Mapping[PublicKey, PeerState],
                 now: float) -> tuple[list[PublicKey], dict[PublicKey, float]]:
     """What the agent did before: every side starts a handshake with every peer it adds."""
     return list(added), {}
@@ -780,7 +779,7 @@ def first_handshakes(lab: Lab, policy: Callable[..., tuple[list[PublicKey],
             peer = keys[other.ifname].public_key
             dev.apply([AddPeer(PeerConfig(peer, Endpoint(LOOPBACK, port), nets(ip)))])
             now_keys, pending[dev.ifname] = policy(keys[dev.ifname].public_key, [peer], {},
-                                                   {}, time.monotonic())
+                                                   time.monotonic())
             start_handshakes(dev, now_keys)
         time.sleep(hold)
         relay_say(relay, f"release {hold}")
@@ -788,8 +787,7 @@ def first_handshakes(lab: Lab, policy: Callable[..., tuple[list[PublicKey],
         def settled() -> bool:
             for dev in (a, b):  # the follower checks, as the reconciler makes them when due
                 due, pending[dev.ifname] = policy(keys[dev.ifname].public_key, [],
-                                                  pending[dev.ifname], dev.read().peers,
-                                                  time.monotonic())
+                                                  pending[dev.ifname], time.monotonic())
                 start_handshakes(dev, due)
             return all(p.last_handshake is not None
                        for dev in (a, b) for p in dev.read().peers.values())
@@ -833,20 +831,69 @@ def test_a_first_handshake_lost_to_a_peer_not_yet_knowing_us_is_started_again(
     to_leader = PeerConfig(lkey.public_key, Endpoint(LOOPBACK, lport), nets("10.98.1.0/24"))
     started = time.monotonic()
     leader.apply([AddPeer(to_follower)])
-    keys, _ = handshakes_to_start(lkey.public_key, [fkey.public_key], {}, {}, started)
+    keys, _ = handshakes_to_start(lkey.public_key, [fkey.public_key], {}, started)
     assert keys == [fkey.public_key]
     start_handshakes(leader, keys)
     time.sleep(0.2)  # the initiation arrives and is dropped: the follower has no such peer
     assert leader.read().peers[fkey.public_key].last_handshake is None
     follower.apply([AddPeer(to_leader)])
-    keys, pending = handshakes_to_start(fkey.public_key, [lkey.public_key], {}, {},
+    keys, pending = handshakes_to_start(fkey.public_key, [lkey.public_key], {},
                                         time.monotonic())
     assert keys == []
     time.sleep(max(0.0, min(pending.values()) - time.monotonic()))
-    keys, pending = handshakes_to_start(fkey.public_key, [], pending,
-                                        follower.read().peers, time.monotonic())
+    keys, pending = handshakes_to_start(fkey.public_key, [], pending, time.monotonic())
     assert keys == [lkey.public_key] and pending == {}
     start_handshakes(follower, keys)
     wait_for(lambda: all(p.last_handshake is not None for dev in (a, b)
                          for p in dev.read().peers.values()), 3.0, "a session on both sides")
     assert time.monotonic() - started < 4.0
+
+
+def test_a_handshake_kick_in_the_request_that_adds_the_peer_starts_one(lab: Lab) -> None:
+    """The reconciler sends a new peer and its first-handshake kick in one request: the
+    keepalive still goes out as that peer's section is applied, and the peer is left
+    without a persistent keepalive."""
+    a, b = lab.device(), lab.device()
+    ka, kb = PrivateKey.generate(), PrivateKey.generate()
+    pa, pb = lab.port(), lab.port()
+    a.configure(DeviceSettings(ka, pa))
+    b.configure(DeviceSettings(kb, pb))
+    for dev in (a, b):
+        lab.ip("link", "set", dev.ifname, "up")
+    b.apply([AddPeer(PeerConfig(ka.public_key, Endpoint(LOOPBACK, pa), nets("10.98.1.0/24")))])
+    started = time.monotonic()
+    a.apply([AddPeer(PeerConfig(kb.public_key, Endpoint(LOOPBACK, pb), nets("10.98.2.0/24"))),
+             *handshake_kicks([kb.public_key])])
+    wait_for(lambda: a.read().peers[kb.public_key].last_handshake is not None, 3.0,
+             "a session started by the kick")
+    assert time.monotonic() - started < 1.0  # not WireGuard's own 5 s retry
+    assert a.read().peers[kb.public_key].persistent_keepalive == 0
+
+
+def test_a_kick_on_a_confirmed_session_starts_no_new_handshake(lab: Lab) -> None:
+    """The follower's check is a kick whatever the session's state (reading handshake
+    times would dump every peer): where the leader's handshake already arrived, the kick
+    is a keepalive on that session, not a new handshake (no second session, no crossing)."""
+    a, b = lab.device(), lab.device()
+    ka, kb = PrivateKey.generate(), PrivateKey.generate()
+    pa, pb = lab.port(), lab.port()
+    a.configure(DeviceSettings(ka, pa))
+    b.configure(DeviceSettings(kb, pb))
+    for dev in (a, b):
+        lab.ip("link", "set", dev.ifname, "up")
+    b.apply([AddPeer(PeerConfig(ka.public_key, Endpoint(LOOPBACK, pa), nets("10.98.1.0/24")))])
+    a.apply([AddPeer(PeerConfig(kb.public_key, Endpoint(LOOPBACK, pb), nets("10.98.2.0/24"))),
+             *handshake_kicks([kb.public_key])])
+    wait_for(lambda: all(d.read().peers[k].last_handshake is not None
+                         for d, k in ((a, kb.public_key), (b, ka.public_key))), 3.0,
+             "a session on both sides")
+    time.sleep(0.05)
+    before = {d.ifname: d.read().peers[k] for d, k in ((a, kb.public_key), (b, ka.public_key))}
+    start_handshakes(b, [ka.public_key])  # the follower's check, due
+    time.sleep(0.5)
+    after = {d.ifname: d.read().peers[k] for d, k in ((a, kb.public_key), (b, ka.public_key))}
+    for name in before:
+        assert after[name].last_handshake == before[name].last_handshake, name
+    # the keepalive went over the existing session: b sent, a received
+    assert after[b.ifname].tx_bytes > before[b.ifname].tx_bytes
+    assert after[a.ifname].rx_bytes > before[a.ifname].rx_bytes

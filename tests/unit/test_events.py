@@ -3,16 +3,14 @@ message at once (the audit saw PeerRejected keep its first reason for ten minute
 
 from __future__ import annotations
 
-from kubernetes import client as k8s
-
 from wgmanager.kube.events import EventRecorder
+from wgmanager.kube.rest import RestClient
 
 
 def recorder(now: list[float]) -> EventRecorder:
-    config = k8s.Configuration()
-    config.host = "http://127.0.0.1:9"  # loopback discard port: nothing is ever delivered
-    return EventRecorder(k8s.ApiClient(config), "node1", min_interval=600.0,
-                         clock=lambda: now[0])
+    # loopback discard port: nothing is ever delivered
+    return EventRecorder(RestClient("http://127.0.0.1:9", ssl_context=None), "node1",
+                         min_interval=600.0, clock=lambda: now[0])
 
 
 def test_a_changed_reason_is_sent_at_once_and_a_repeat_is_not() -> None:

@@ -3,17 +3,11 @@
 from __future__ import annotations
 
 from hypothesis import given
-from hypothesis import strategies as st
 
 from wgmanager.core.handshake import FOLLOWER_WAIT, handshakes_to_start, leads
 from wgmanager.core.keys import PublicKey
-from wgmanager.core.model import PeerState
 
 from .strategies import PROPERTY, public_keys
-
-
-def state(key: PublicKey, handshake: float | None = None) -> PeerState:
-    return PeerState(key, None, frozenset(), last_handshake=handshake)
 
 
 @PROPERTY
@@ -29,40 +23,30 @@ def test_both_sides_adding_at_once_start_one_handshake(a: PublicKey, b: PublicKe
     """The crossing that cost 5 s: when both add each other together, only one initiates."""
     if a == b:
         return
-    start_a, wait_a = handshakes_to_start(a, [b], {}, {}, now=10.0)
-    start_b, wait_b = handshakes_to_start(b, [a], {}, {}, now=10.0)
+    start_a, wait_a = handshakes_to_start(a, [b], {}, now=10.0)
+    start_b, wait_b = handshakes_to_start(b, [a], {}, now=10.0)
     assert len(start_a) + len(start_b) == 1
     follower_wait = wait_a or wait_b
     assert list(follower_wait.values()) == [10.0 + FOLLOWER_WAIT]
 
 
 @PROPERTY
-@given(public_keys, public_keys, st.booleans())
-def test_the_follower_starts_only_when_no_session_arrived(own: PublicKey, peer: PublicKey,
-                                                          arrived: bool) -> None:
+@given(public_keys, public_keys)
+def test_the_follower_kicks_once_its_check_falls_due(own: PublicKey, peer: PublicKey) -> None:
+    """The device then starts a handshake only if the leader's did not arrive."""
     if own == peer or leads(own, peer):
         return
-    start, pending = handshakes_to_start(own, [peer], {}, {}, now=0.0)
+    start, pending = handshakes_to_start(own, [peer], {}, now=0.0)
     assert start == [] and peer in pending
     # Not due yet: nothing happens, the check stays.
-    start, pending = handshakes_to_start(own, [], pending, {peer: state(peer)}, now=0.1)
+    start, pending = handshakes_to_start(own, [], pending, now=0.1)
     assert start == [] and peer in pending
-    # Due: a session from the leader means nothing to do; none means we start one.
-    seen = state(peer, 1234.5 if arrived else None)
-    start, pending = handshakes_to_start(own, [], pending, {peer: seen}, now=FOLLOWER_WAIT)
-    assert start == ([] if arrived else [peer])
+    start, pending = handshakes_to_start(own, [], pending, now=FOLLOWER_WAIT)
+    assert start == [peer]
     assert pending == {}
-
-
-def test_a_peer_removed_before_its_check_is_forgotten() -> None:
-    own, peer = sorted((PublicKey(bytes([9] * 32)), PublicKey(bytes([3] * 32))),
-                       key=lambda k: k.raw, reverse=True)  # own follows peer
-    _, pending = handshakes_to_start(own, [peer], {}, {}, now=0.0)
-    start, pending = handshakes_to_start(own, [], pending, {}, now=5.0)
-    assert (start, pending) == ([], {})
 
 
 def test_leaders_start_at_once_and_keep_no_check() -> None:
     own, peer = sorted((PublicKey(bytes([9] * 32)), PublicKey(bytes([3] * 32))),
                        key=lambda k: k.raw)  # own leads peer
-    assert handshakes_to_start(own, [peer], {}, {}, now=0.0) == ([peer], {})
+    assert handshakes_to_start(own, [peer], {}, now=0.0) == ([peer], {})

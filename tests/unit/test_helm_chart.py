@@ -536,15 +536,22 @@ def test_probes_use_the_agents_health_endpoints(renders: dict[str, Render]) -> N
 
 # -- 4. RBAC: exactly what the agent calls --------------------------------------------------
 
-# Each CoreV1Api method wgmanager/kube calls -> the (resource, verb) pairs it needs.
-# list_node serves both the paginated list and the watch (watch=True).
+# Each request wgmanager/kube makes (``.api.`` or ``.writer.`` then ``json``/``request``
+# with the method and the path helper of wgmanager.kube.rest) -> the (resource, verb) pairs
+# it needs. A GET of the Nodes collection is the paginated list and the watch.
 API_VERBS: dict[str, set[tuple[str, str]]] = {
+    "GET node_path": {("nodes", "get"), ("nodes", "list"), ("nodes", "watch")},
+    "PATCH node_path": {("nodes", "patch")},
+    "POST events_path": {("events", "create")},
+}
+# The startup-taint controller's CoreV1Api methods (it uses the kubernetes package).
+CORE_API_VERBS: dict[str, set[tuple[str, str]]] = {
     "list_node": {("nodes", "list"), ("nodes", "watch")},
     "read_node": {("nodes", "get")},
     "patch_node": {("nodes", "patch")},
-    "create_namespaced_event": {("events", "create")},
     "list_namespaced_pod": {("pods", "list"), ("pods", "watch")},
 }
+CALL = re.compile(r"\.(api|writer)\.(?:json|request)\(\s*\"(\w+)\",\s*(\w+)\(")
 # Modules whose API calls are not the agent's but another component's, with its own account.
 NOT_THE_AGENT = {"startup_taint.py"}
 
@@ -564,15 +571,15 @@ def test_the_cluster_role_grants_exactly_what_the_agent_calls(
     its one write to a Node (``.writer.``) uses the node's own identity (nodeIdentity)."""
     called, written = set(), set()
     for path in sorted(p for p in KUBE.glob("*.py") if p.name not in NOT_THE_AGENT):
-        called |= set(re.findall(r"\.core\.(\w+)\(", path.read_text()))
-        written |= set(re.findall(r"\.writer\.(\w+)\(", path.read_text()))
+        for who, method, where in CALL.findall(path.read_text()):
+            (written if who == "writer" else called).add(f"{method} {where}")
     unknown = (called | written) - API_VERBS.keys()
     assert not unknown, (f"wgmanager/kube calls {sorted(unknown)}: add them to API_VERBS "
                          "with the verbs they need, and to the chart's ClusterRole if needed")
     needed = set().union(*(API_VERBS[m] for m in called))
     assert needed == {("nodes", "get"), ("nodes", "list"), ("nodes", "watch"),
                       ("events", "create")}
-    assert written == {"patch_node"}
+    assert written == {"PATCH node_path"}
     on = renders["on"]
     assert "*" not in str(on.one("ClusterRole")["rules"])
     assert rules(on.one("ClusterRole")) == needed - {("events", "create")}
@@ -581,7 +588,7 @@ def test_the_cluster_role_grants_exactly_what_the_agent_calls(
     assert on.one("RoleBinding")["subjects"] == on.one("ClusterRoleBinding")["subjects"]
     # Without the node's identity the account patches Nodes itself (any Node: say so).
     assert rules(renders["no-node-identity"].one("ClusterRole")) == (
-        needed - {("events", "create")} | API_VERBS["patch_node"])
+        needed - {("events", "create")} | API_VERBS["PATCH node_path"])
     # --no-events: no Events, no events rule
     assert "--no-events" in renders["no-events"].container("agent")["args"]
     assert renders["no-events"].agent_args().events is False
@@ -845,7 +852,7 @@ def test_startup_taint_controller_gets_exactly_what_it_calls(
     pods in the release's namespace); nothing for the agent's account changes."""
     r = renders["startup-taint"]
     called = set(re.findall(r"\.core\.(\w+)\(", (KUBE / "startup_taint.py").read_text()))
-    needed = set().union(*(API_VERBS[m] for m in called))
+    needed = set().union(*(CORE_API_VERBS[m] for m in called))
     needed -= {("nodes", "watch")}  # it lists nodes on a resync, never watches them
     name = FULLNAME + "-startup-taint"
     assert rules(r.one("ClusterRole", name)) == {v for v in needed if v[0] == "nodes"}

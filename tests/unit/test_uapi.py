@@ -602,3 +602,4 @@ def test_planned_ops_through_wireguard_go_match_the_reference_model(
     got = read_back(dev)
     assert configs(got) == configs(apply_peer_ops(actual, ops))
     assert configs(got) == desired
+

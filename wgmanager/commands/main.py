@@ -72,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resync-interval", type=float, default=60.0,
                    help="seconds between full reconciles without events")
     g.add_argument("--debounce", type=float, default=0.1,
-                   help="seconds to gather a burst of node events into one reconcile")
+                   help="while node events keep arriving, seconds from the end of one "
+                        "reconcile to the start of the next (a burst becomes few passes); "
+                        "an event after a quiet spell is reconciled at once")
     g.add_argument("--fail-mode", choices=["closed", "open"], default="closed",
                    help="traffic to a remote pod CIDR whose peer is not ready: closed drops "
                         "it (default), open lets it take the CNI's path unencrypted")
@@ -308,8 +310,9 @@ def cmd_agent(args: argparse.Namespace) -> int:
     from wgmanager.agent.loop import Agent, AgentTiming
     from wgmanager.agent.metrics import AgentMetrics
     from wgmanager.core.model import MeshConfig
-    from wgmanager.kube.client import NodesAPI, load_api
+    from wgmanager.kube.client import NodesAPI
     from wgmanager.kube.events import EventRecorder
+    from wgmanager.kube.rest import connect
     from wgmanager.reconciler import NodeReconciler
 
     if not args.node_name:
@@ -333,9 +336,9 @@ def cmd_agent(args: argparse.Namespace) -> int:
             "no --cluster-cidrs: traffic to a pod CIDR no node claims (a deleted node's, a new "
             "node's before its key) follows the CNI's route in plaintext; set the cluster's "
             "pod CIDRs")
-    api_client = load_api(args.kubeconfig)
+    api_client = connect(args.kubeconfig)
     if args.node_kubeconfig is not None:
-        nodes_api = NodesAPI(api_client, writer=load_api(args.node_kubeconfig),
+        nodes_api = NodesAPI(api_client, writer=connect(args.node_kubeconfig),
                              writer_source=str(args.node_kubeconfig))
     else:
         logging.getLogger("wgmanager.agent.loop").warning(
@@ -387,7 +390,8 @@ def _env_path(name: str) -> Path | None:
 def cmd_status(args: argparse.Namespace) -> int:
     from wgmanager.commands import status
     from wgmanager.core.model import MeshConfig
-    from wgmanager.kube.client import KubeError, NodesAPI, load_api
+    from wgmanager.kube.client import KubeError, NodesAPI
+    from wgmanager.kube.rest import connect
     from wgmanager.kube.translate import node_spec
 
     port = args.listen_port or config.DEFAULT_LISTEN_PORT
@@ -396,7 +400,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     api_error = None
     if args.node_name and args.kubeconfig is not None:
         try:
-            api = NodesAPI(load_api(args.kubeconfig), request_timeout=5.0)
+            api = NodesAPI(connect(args.kubeconfig), request_timeout=5.0)
             items = api.list_page(limit=0, cont=None).get("items") or []
             nodes = [node_spec(item) for item in items]
         except (KubeError, ConfigError) as e:
@@ -445,11 +449,12 @@ def cmd_startup_taint_controller(args: argparse.Namespace) -> int:
 
 def cmd_rotate_keys(args: argparse.Namespace) -> int:
     from wgmanager.commands.rotate_keys import rotate
-    from wgmanager.kube.client import NodesAPI, load_api
+    from wgmanager.kube.client import NodesAPI
+    from wgmanager.kube.rest import connect
 
     if args.all == bool(args.nodes):
         raise ConfigError("name the nodes to rotate, or pass --all (not both)")
-    api = NodesAPI(load_api(args.kubeconfig), request_timeout=10.0)
+    api = NodesAPI(connect(args.kubeconfig), request_timeout=10.0)
     return rotate(api, None if args.all else args.nodes, max_concurrent=args.max_concurrent,
                   wait=args.wait, timeout=args.timeout)
 

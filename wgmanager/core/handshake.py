@@ -11,10 +11,18 @@ retries can cross again. Measured with two wireguard-go devices kicked together:
 pairs had no session 0.5 s later, and 1 in 12 was still broken 7 s later.
 
 So only one side of each pair starts at once: the one with the smaller public key (both sides
-compute the same order). The other side checks a moment later and starts one only if there is
-still no session, which happens when the leader's handshake reached it before it knew the
-leader's key. Two initiations can then cross only if the follower's check falls within a
-round trip of the leader's own start.
+compute the same order). The other side makes its check a moment later, which starts a
+handshake only if there is still no session: that happens when the leader's handshake
+reached it before it knew the leader's key. Two initiations can then cross only if the
+follower's check falls within a round trip of the leader's own start.
+
+The check is the device's own: a kick (``wgmanager.reconciler.handshake_kicks``) makes a
+device send a keepalive, which goes out on a confirmed session and starts a handshake where
+there is none (wireguard-go and the kernel both send staged packets with the current
+keypair, or initiate without one). Reading the handshake times ourselves would cost a dump
+of every peer per check (neither UAPI nor netlink reads one peer): at 5,000 peers ~20-40 ms
+of wireguard-go's time per key change, holding its configuration lock, O(N) work for an
+O(1) event. The kick costs one 32-byte keepalive where the session is already up.
 """
 
 from __future__ import annotations
@@ -22,7 +30,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 from wgmanager.core.keys import PublicKey
-from wgmanager.core.model import PeerState
 
 # How long the follower of a pair waits for the leader's handshake before starting its own:
 # long enough for the leader to have added the peer in the common case (both sides react to
@@ -36,22 +43,20 @@ def leads(own: PublicKey, peer: PublicKey) -> bool:
 
 
 def handshakes_to_start(own: PublicKey, added: Iterable[PublicKey],
-                        pending: Mapping[PublicKey, float], peers: Mapping[PublicKey, PeerState],
+                        pending: Mapping[PublicKey, float],
                         now: float) -> tuple[list[PublicKey], dict[PublicKey, float]]:
-    """The peers to start a handshake with now, and the follower checks still to come.
+    """The peers to kick now, and the follower checks still to come.
 
     ``added`` are the peers just added; ``pending`` maps a peer we follow to the time of its
-    check; ``peers`` is the device as read now. A check that falls due starts a handshake
-    only if the peer is still there and still has none.
+    check. New peers we lead are kicked at once; a follower check that falls due is a kick
+    too (the device starts a handshake only if it has no session; a peer removed meanwhile
+    is skipped by the device, as kicks only update existing peers).
     """
     start = [k for k in added if leads(own, k)]
     waiting = dict(pending)
     waiting.update({k: now + FOLLOWER_WAIT for k in added if not leads(own, k)})
     for key, due in list(waiting.items()):
-        if due > now:
-            continue
-        del waiting[key]
-        peer = peers.get(key)
-        if peer is not None and peer.last_handshake is None:
+        if due <= now:
+            del waiting[key]
             start.append(key)
     return start, waiting

@@ -11,45 +11,23 @@ Errors are mapped to a small hierarchy so callers decide by kind, not by status 
 
 from __future__ import annotations
 
-import json
 import logging
 import random
-import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kubernetes import client as k8s
-from kubernetes import config as k8s_config
-from kubernetes.client.exceptions import ApiException
-from urllib3.connection import HTTPConnection
 from urllib3.exceptions import HTTPError
 
 from wgmanager.errors import ConfigError, WgmError
+from wgmanager.kube.rest import ApiStatus, RestClient, keepalive_socket_options, node_path
 from wgmanager.kube.translate import annotations_patch
 
+if TYPE_CHECKING:
+    from kubernetes import client as k8s
+
 log = logging.getLogger(__name__)
-
-# TCP keepalive on every connection to the API server (client-go dials with one too). A
-# watch waits for the server to speak; if the server's end of the connection vanished
-# without a word reaching us (a NAT table replaced under it, a load balancer or API server
-# failing over), the read would otherwise wait out the whole watch timeout (5.5 min) and the
-# node would miss every change meanwhile. With these, a peer that answers with a reset is
-# found after KEEPALIVE_IDLE seconds of silence, a black hole after idle + interval * count.
-KEEPALIVE_IDLE = 15
-KEEPALIVE_INTERVAL = 5
-KEEPALIVE_COUNT = 4
-
-
-def keepalive_socket_options(idle: int = KEEPALIVE_IDLE, interval: int = KEEPALIVE_INTERVAL,
-                             count: int = KEEPALIVE_COUNT) -> list[tuple[int, int, int]]:
-    """urllib3 socket options: its defaults (no Nagle) plus Linux TCP keepalive."""
-    return [*HTTPConnection.default_socket_options,
-            (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
-            (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle),
-            (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval),
-            (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)]
-
+MERGE_PATCH = "application/merge-patch+json"
 
 class KubeError(WgmError):
     pass
@@ -72,9 +50,12 @@ class Transient(KubeError):
 
 
 def classify(e: Exception, what: str) -> KubeError:
-    if isinstance(e, ApiException):
-        status = e.status or 0
-        reason = (e.reason or "").strip()
+    """A KubeError for an API status (ours, ``ApiStatus``, or the kubernetes package's
+    ``ApiException``: both carry ``status`` and ``reason``) or a connection failure."""
+    status = getattr(e, "status", None)
+    if isinstance(e, ApiStatus) or (isinstance(status, int) and hasattr(e, "reason")):
+        status = status or 0
+        reason = (getattr(e, "reason", "") or "").strip()
         if status == 410:
             return Gone(f"{what}: resourceVersion expired (410)")
         if status in (401, 403):
@@ -87,7 +68,12 @@ def classify(e: Exception, what: str) -> KubeError:
 
 
 def load_api(kubeconfig: Path | None) -> k8s.ApiClient:
-    """An ApiClient from a kubeconfig file, or in-cluster config when none is given."""
+    """An ApiClient of the kubernetes package (for the commands that use its typed API:
+    the startup-taint controller, doctor), from a kubeconfig file or in-cluster config.
+    Imported here, not at the top: the agent never loads that package (see kube.rest)."""
+    from kubernetes import client as k8s
+    from kubernetes import config as k8s_config
+
     cfg = k8s.Configuration()
     try:
         if kubeconfig is not None:
@@ -131,54 +117,46 @@ class NodesAPI:
     ``api`` too, and whoever holds that credential can write every node's key.
     """
 
-    def __init__(self, api: k8s.ApiClient, *, request_timeout: float = 30.0,
-                 writer: k8s.ApiClient | None = None, writer_source: str = "") -> None:
-        # Typed as Any: with _preload_content=False the client returns raw responses, which
-        # its generated annotations do not describe.
-        self.core: Any = k8s.CoreV1Api(api)
-        self.writer: Any = k8s.CoreV1Api(writer) if writer is not None else self.core
+    def __init__(self, api: RestClient, *, request_timeout: float = 30.0,
+                 writer: RestClient | None = None, writer_source: str = "") -> None:
+        self.api = api
+        self.writer = writer if writer is not None else api
         self.writer_source = writer_source
         self.request_timeout = request_timeout
 
     def list_page(self, *, limit: int, cont: str | None) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"limit": limit, "_preload_content": False,
-                                  "_request_timeout": self.request_timeout}
+        query: dict[str, Any] = {"limit": limit} if limit else {}
         if cont:
-            kwargs["_continue"] = cont
+            query["continue"] = cont
         try:
-            resp = self.core.list_node(**kwargs)
-            return json.loads(resp.data)  # type: ignore[no-any-return]
-        except (ApiException, HTTPError, OSError, ValueError) as e:
+            return self.api.json("GET", node_path(), query=query,
+                                 timeout=self.request_timeout)
+        except (ApiStatus, HTTPError, OSError, ValueError) as e:
             raise classify(e, "listing nodes") from e
 
     def watch(self, *, resource_version: str, timeout_seconds: int) -> Any:
         """A streaming response of watch events (one JSON object per line)."""
         try:
-            return self.core.list_node(
-                watch=True, resource_version=resource_version, allow_watch_bookmarks=True,
-                timeout_seconds=timeout_seconds, _preload_content=False,
-                _request_timeout=(self.request_timeout, timeout_seconds + 30))
-        except (ApiException, HTTPError, OSError) as e:
+            return self.api.request(
+                "GET", node_path(), query={
+                    "watch": True, "resourceVersion": resource_version,
+                    "allowWatchBookmarks": True, "timeoutSeconds": timeout_seconds},
+                timeout=(self.request_timeout, timeout_seconds + 30), stream=True)
+        except (ApiStatus, HTTPError, OSError) as e:
             raise classify(e, "watching nodes") from e
 
     def get(self, name: str) -> dict[str, Any]:
         try:
-            resp = self.core.read_node(name, _preload_content=False,
-                                       _request_timeout=self.request_timeout)
-            return json.loads(resp.data)  # type: ignore[no-any-return]
-        except (ApiException, HTTPError, OSError, ValueError) as e:
+            return self.api.json("GET", node_path(name), timeout=self.request_timeout)
+        except (ApiStatus, HTTPError, OSError, ValueError) as e:
             raise classify(e, f"reading node {name}") from e
 
     def patch_annotations(self, name: str, values: dict[str, str | None]) -> None:
         """Sets (None: removes) exactly these annotations on the Node, nothing else."""
         try:
-            # Raw response: the patched Node is not needed, and deserialising it into the
-            # client's models could fail on fields this client version does not know.
-            resp = self.writer.patch_node(name, annotations_patch(values),
-                                          _preload_content=False,
-                                          _request_timeout=self.request_timeout)
-            resp.release_conn()
-        except ApiException as e:
+            self.writer.request("PATCH", node_path(name), body=annotations_patch(values),
+                                content_type=MERGE_PATCH, timeout=self.request_timeout)
+        except ApiStatus as e:
             if e.status == 403 and self.writer_source:
                 raise Forbidden(
                     f"annotating node {name}: 403 with the node credentials from "

@@ -20,17 +20,17 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from kubernetes import client as k8s
+from wgmanager.kube.rest import RestClient, events_path, node_path
 
 log = logging.getLogger(__name__)
 COMPONENT = "wgmanager-agent"
 
 
 class EventRecorder:
-    def __init__(self, api: k8s.ApiClient, node_name: str, *, namespace: str = "default",
+    def __init__(self, api: RestClient, node_name: str, *, namespace: str = "default",
                  min_interval: float = 600.0, queue_size: int = 100,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.core: Any = k8s.CoreV1Api(api)
+        self.api = api
         self.node_name = node_name
         # The agent's own namespace in a cluster: its service account may create Events
         # there and nowhere else (a Node's Events may live in any namespace).
@@ -81,10 +81,10 @@ class EventRecorder:
             body = self._queue.get()
             try:
                 if self._uid is None:
-                    node = self.core.read_node(self.node_name, _request_timeout=10)
-                    self._uid = node.metadata.uid
+                    node = self.api.json("GET", node_path(self.node_name), timeout=10)
+                    self._uid = str(node["metadata"]["uid"])
                 body["involvedObject"]["uid"] = self._uid
-                self.core.create_namespaced_event(self.namespace, body, _request_timeout=10)
+                self.api.request("POST", events_path(self.namespace), body=body, timeout=10)
                 self.sent += 1
             except Exception as e:  # the API may be down; an event is never worth a crash
                 self.dropped += 1

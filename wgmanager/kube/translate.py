@@ -63,8 +63,6 @@ def _timestamp(value: Any) -> float:
 
 
 def annotations_patch(values: dict[str, str | None]) -> dict[str, Any]:
-    """A patch body setting (or, for None, removing) only the given annotations.
-
-    The client sends a dict body as a strategic merge patch; for annotations (a plain map)
-    that merges exactly like a JSON merge patch, where null deletes a key."""
+    """A JSON merge patch (RFC 7386) setting (or, for None, removing) only the given
+    annotations: other annotations and fields are left as they are."""
     return {"metadata": {"annotations": dict(values)}}

@@ -1,31 +1,12 @@
-"""One node's encryption, end to end: key, WireGuard device, peers and eBPF datapath.
-
-``NodeReconciler`` turns a list of node descriptions into the live state, in an order that
-never lets pod traffic out in plaintext:
-
-1. the program's pinned maps get fail-closed entries (every remote CIDR is DROP until its
-   peer exists) before any program is attached;
-2. the device, its key and its link settings are ensured, and the map learns its ifindex
-   (two devices while the node rotates its key: see wgmanager.core.rotation);
-3. the programs are attached (or atomically replaced, after a restart);
-4. peers are changed incrementally, the device is read back, and only CIDRs whose peer the
-   device really holds become REDIRECT.
-
-Step 1 only closes: it adds entries and downgrades ones that must stop redirecting, but
-never re-targets a working redirect (a key change on a peer, the end of a rotation), which
-waits for step 4, once the device and peer it needs are in place.
-
-Every step reads live state and writes only differences, so a repeat run (an agent restart)
-changes nothing and drops nothing. The Kubernetes agent and `wgmanager apply` both use it.
-"""
+"""``NodeReconciler``: one node's key, devices, peers and datapath brought in line with
+the mesh, by full passes (everything read and planned) and incremental ones (the changed
+nodes only); the package docstring gives the order of the steps and why."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
 
 from pyroute2 import IPRoute
 
@@ -49,7 +30,6 @@ from wgmanager.core.plan import (
     AddPeer,
     MapPlan,
     PeerOp,
-    UpdatePeer,
     adopt_roamed_endpoints,
     defer_replaced_removals,
     plan_fail_closed,
@@ -58,7 +38,6 @@ from wgmanager.core.plan import (
 )
 from wgmanager.core.rotation import (
     SLOTS,
-    Progress,
     RotationState,
     confirmed,
     layout,
@@ -69,26 +48,21 @@ from wgmanager.core.rotation import (
 )
 from wgmanager.core.scoped import DeviceModel, change_scope, restrict, scoped_entries
 from wgmanager.datapath import links
-from wgmanager.datapath.bpf import Hook, Program, attachments, detach
+from wgmanager.datapath.bpf import Hook, Program, attachments
 from wgmanager.datapath.maps import DeviceConfig, PinnedMaps
 from wgmanager.errors import ConfigError, DatapathError
 from wgmanager.keystore import KeyStore, slot_key
+from wgmanager.reconciler.device import ensure_device, read_or_empty
+from wgmanager.reconciler.peers import (
+    REPLACED_PEER_GRACE,
+    handshake_kicks,
+    new_peers,
+    start_handshakes,
+)
+from wgmanager.reconciler.result import CHANGES, TIMERS, ReconcileResult
 from wgmanager.wireguard.backend import DeviceSettings, WireGuardBackend
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class ReconcileResult:
-    mesh: Mesh
-    peer_ops: tuple[PeerOp, ...]
-    map_plan: MapPlan
-    device: DeviceState
-    attached: tuple[str, ...] = field(default=())
-    seconds: float = 0.0
-    alt_device: DeviceState | None = None  # the second device while rotating the key
-    rotation: Progress | None = None  # peers confirmed so far (SWITCH and ROLLBACK)
-    full: bool = True  # False: an incremental pass (the changed nodes only)
 
 
 class NodeReconciler:
@@ -246,8 +220,8 @@ class NodeReconciler:
         with PinnedMaps(self.settings.datapath.pin_dir) as maps, links.iproute() as ipr:
             # 1. Fail closed first: against the device(s) as they are (maybe absent), every
             #    remote CIDR without a configured peer is DROP before anything is attached.
-            before = _read(cur)
-            before_alt = _read(alt) if alt is not None else None
+            before = read_or_empty(cur)
+            before_alt = read_or_empty(alt) if alt is not None else None
             steer = routes(rot, remote, confirmed(rot, remote, before, before_alt))
             in_kernel = maps.read_cidrs()  # read once: this pass's writes are all ours
             closing = plan_fail_closed(
@@ -353,9 +327,13 @@ class NodeReconciler:
             desired = {k: mesh.peers[k] for k in keys if k in mesh.peers}
             actual = {k: model.peers[k] for k in keys if k in model.peers}
             ops = self._plan_scoped(cur, desired, actual, keys, now)
-            cur.apply(ops)
+            device_started = time.monotonic()
+            # The first handshakes ride in the same request as the peers they are for: one
+            # wait for the device's configuration lock per pass, not three.
+            kicks = self._handshakes_due(cur, model.header.public_key, new_peers(ops))
+            cur.apply([*ops, *handshake_kicks(kicks)])
             model.apply(ops)
-            self._start_handshakes(cur, model.header.public_key, new_peers(ops))
+            device_s = time.monotonic() - device_started
             map_plan = plan_map(scoped_entries(mesh, change.names, model, cfg, claims=claims),
                                 restrict(self._map, scope))
             self._write_map(maps, map_plan)
@@ -365,12 +343,15 @@ class NodeReconciler:
         device = DeviceState(model.header.name, model.header.public_key,
                              model.header.listen_port, model.header.fwmark, dict(model.peers))
         result = ReconcileResult(mesh, tuple(ops), map_plan, device,
-                                 seconds=time.monotonic() - started, full=False)
+                                 seconds=time.monotonic() - started,
+                                 kind=CHANGES if change.names or new_links else TIMERS)
         log.info("reconciled", extra={"peers": len(model.peers), "peer_ops": len(ops),
                                       "map_upserts": len(map_plan.upserts),
                                       "map_deletes": len(map_plan.deletes),
                                       "changed_nodes": len(change.names), "full": False,
-                                      "ms": round(1000 * result.seconds, 1)})
+                                      "ms": round(1000 * result.seconds, 1),
+                                      # of which waiting on the WireGuard device
+                                      "device_ms": round(1000 * device_s, 1)})
         return result
 
     def _plan_scoped(self, backend: WireGuardBackend, desired: dict[PublicKey, PeerConfig],
@@ -429,18 +410,9 @@ class NodeReconciler:
     def _ensure_device(self, ipr: IPRoute, slot: int, mtu: int, mesh: Mesh) -> int:
         """Creates and configures one slot's device; returns its ifindex."""
         wg = self.settings.wireguard
-        backend = self.backend_for(slot)
-        backend.ensure_device()
-        backend.configure(DeviceSettings(self.key_for(slot), wg.port_for(slot), wg.fwmark))
-        link = links.ensure_up(ipr, backend.ifname, mtu=mtu)
-        self._ensure_sysctls(backend.ifname, mesh)
-        ipv4 = next((a for a in mesh.local.addresses if a.version == 4), None)
-        if ipv4 is not None:
-            # The kernel's reverse-path check fails on a device with no IPv4 address, which
-            # would drop every decrypted IPv4 packet; the node's own address as a /32 (no
-            # prefix route, no new reachability) satisfies it.
-            links.ensure_address(ipr, backend.ifname, ipv4)
-        return link.index
+        return ensure_device(ipr, self.backend_for(slot),
+                             DeviceSettings(self.key_for(slot), wg.port_for(slot), wg.fwmark),
+                             mtu, mesh)
 
     def _apply_peers(self, backend: WireGuardBackend, mesh: Mesh, *,
                      keep_held: bool) -> list[PeerOp]:
@@ -455,24 +427,23 @@ class NodeReconciler:
         backend.apply(ops)
         self._written_endpoints[backend.ifname] = {
             k: p.endpoint for k, p in desired.items() if p.endpoint is not None}
-        self._start_handshakes(backend, state.public_key, new_peers(ops))
+        start_handshakes(backend, self._handshakes_due(backend, state.public_key,
+                                                       new_peers(ops)))
         return ops
 
-    def _start_handshakes(self, backend: WireGuardBackend, own: PublicKey | None,
-                          added: list[PublicKey]) -> None:
-        """Starts the first handshake with new peers we lead, and with peers we follow whose
-        leader's handshake did not arrive (``wgmanager.core.handshake``). During a key
-        rotation that handshake is also the peer's confirmation."""
+    def _handshakes_due(self, backend: WireGuardBackend, own: PublicKey | None,
+                        added: list[PublicKey]) -> list[PublicKey]:
+        """The peers to kick now: new peers we lead, and peers we follow whose check fell
+        due (the device starts a handshake only where the leader's did not arrive:
+        ``wgmanager.core.handshake``). During a key rotation that handshake is also the
+        peer's confirmation."""
         pending = self._following.get(backend.ifname, {})
         now = self._clock()
-        due = any(t <= now for t in pending.values())
-        if own is None or not (added or due):
-            return
-        # Only a check that fell due needs the device's handshake times (a full read).
-        peers = backend.read().peers if due else {}
-        keys, pending = handshakes_to_start(own, added, pending, peers, now)
+        if own is None or not (added or any(t <= now for t in pending.values())):
+            return []
+        keys, pending = handshakes_to_start(own, added, pending, now)
         self._following[backend.ifname] = pending
-        start_handshakes(backend, keys)
+        return keys
 
     def next_deadline(self) -> float | None:
         """When a reconcile is next needed (monotonic time): to remove a replaced peer, or to
@@ -481,82 +452,7 @@ class NodeReconciler:
                      for keys in table.values() for t in keys.values()]
         return min(deadlines) if deadlines else None
 
-    def _ensure_sysctls(self, ifname: str, mesh: Mesh) -> None:
-        # Pods' traffic is forwarded by the node; decrypted packets arrive on the WireGuard
-        # device while the route back to their source may point elsewhere (the CNI's route),
-        # so strict reverse-path filtering would drop them: loose mode on our device only.
-        links.ensure_sysctl("net/ipv4/ip_forward", "1")
-        links.ensure_sysctl(f"net/ipv4/conf/{ifname}/rp_filter", "2")
-        if any(c.version == 6 for c in mesh.local.pod_cidrs):
-            # Only when pods have IPv6: with forwarding on, the kernel ignores router
-            # advertisements on interfaces with accept_ra=1 (a SLAAC default route vanishes).
-            links.ensure_sysctl("net/ipv6/conf/all/forwarding", "1")
-
     def close(self) -> None:
         if self._program is not None:
             self._program.close()
             self._program = None
-
-
-HANDSHAKE_KICK = 25  # seconds; any non-zero value makes the device send a keepalive now
-
-
-def start_handshakes(backend: WireGuardBackend, keys: list[PublicKey]) -> None:
-    """Makes the device start a handshake with each of ``keys`` that has no session.
-
-    Turning persistent keepalive on sends a keepalive at once in both wireguard-go and the
-    kernel, and a keepalive without a session starts a handshake; it is turned back off right
-    after. Devices send at most one initiation per peer every 5 s, so this is cheap to repeat.
-    """
-    if keys:
-        backend.apply([UpdatePeer(k, persistent_keepalive=HANDSHAKE_KICK) for k in keys])
-        backend.apply([UpdatePeer(k, persistent_keepalive=0) for k in keys])
-
-# How long a peer whose allowed IPs moved to its replacement (a node's new key) stays on the
-# device before it is removed. Removing a peer discards the packets it is still encrypting
-# or sending: WireGuard routed them to it a moment before the move. Kept a little while (it
-# holds no allowed IPs, so no new packet goes to it) they leave as they should; the node
-# that rotates keeps its old key alive far longer than this. Measured: 1 echo in ~36,000
-# lost at 2 ms pings without it.
-REPLACED_PEER_GRACE = 1.0
-
-
-
-
-def new_peers(ops: list[PeerOp]) -> list[PublicKey]:
-    """Peers these operations add, except those with a persistent keepalive of their own
-    (the device sends one as soon as it has them). One handshake each: 148 bytes and two
-    X25519 operations, so a node's first sync with a thousand peers costs about 150 KB."""
-    return [op.peer.public_key for op in ops
-            if isinstance(op, AddPeer) and op.peer.persistent_keepalive == 0]
-
-
-def _read(backend: WireGuardBackend) -> DeviceState:
-    return backend.read() if backend.device_exists() else _empty(backend.ifname)
-
-
-def teardown(settings: NodeSettings,
-             backends: Callable[[str], WireGuardBackend]) -> list[str]:
-    """Removes what wgmanager put on this node (filters, devices, pinned maps); keeps keys."""
-    done: list[str] = []
-    with links.iproute() as ipr:
-        for link in links.list_links(ipr):
-            for att in attachments(ipr, link.ifname):
-                if detach(ipr, link.ifname, att.hook):
-                    done.append(f"detached {att.hook.value} from {link.ifname}")
-    for slot in SLOTS:
-        device = backends(settings.wireguard.ifname_for(slot))
-        if device.device_exists():
-            device.delete_device()
-            done.append(f"deleted device {device.ifname}")
-    pin_dir: Path = settings.datapath.pin_dir
-    if pin_dir.is_dir():
-        for pin in sorted(pin_dir.iterdir()):
-            pin.unlink()
-        pin_dir.rmdir()
-        done.append(f"unpinned maps under {pin_dir}")
-    return done
-
-
-def _empty(ifname: str) -> DeviceState:
-    return DeviceState(name=ifname, public_key=None, listen_port=0)
