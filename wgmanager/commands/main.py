@@ -195,7 +195,10 @@ def _node_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--uplink", default=None,
                    help="underlay device (default: the one holding the node's InternalIP)")
     p.add_argument("--pod-interfaces", default=config.DEFAULT_POD_INTERFACES,
-                   help="glob of host-side pod veth names (default %(default)s)")
+                   help="glob of host-side pod veth names that get the pre-netfilter fast path "
+                        "(from_pod; the sending node's iptables rules do not see what it "
+                        "steers); default none: steering at the uplink's egress, after "
+                        "netfilter")
     p.add_argument("--max-cidrs", type=int, default=65536)
 
 

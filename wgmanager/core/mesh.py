@@ -203,7 +203,7 @@ def peer_config(node: Node, local: Node, config: MeshConfig) -> PeerConfig:
     """The peer an accepted remote node gets on the local device."""
     return PeerConfig(public_key=node.public_key,
                       endpoint=_endpoint(node, local, config.listen_port),
-                      allowed_ips=frozenset(node.pod_cidrs),
+                      allowed_ips=frozenset(node.pod_cidrs) | frozenset(node.hosts),
                       persistent_keepalive=config.persistent_keepalive)
 
 
@@ -387,18 +387,22 @@ def datapath_map(mesh: Mesh, device: DeviceState, config: MeshConfig, *,
     entries: dict[IPNetwork, Action] = {c: Action.LOCAL for c in mesh.local.pod_cidrs}
     for node in mesh.nodes.values():
         route = routes.get(node.name, Route.CURRENT)
-        for cidr in node.pod_cidrs:
+        for cidr in (*node.pod_cidrs, *node.hosts):
             cur = route is not Route.ALT and _ready(device, node, cidr, held)
             alt_ok = (route is not Route.CURRENT and alt is not None
                       and _ready(alt, node, cidr, alt_held))
             if cur and alt_ok:
-                entries[cidr] = Action.REDIRECT_BOTH
+                action = Action.REDIRECT_BOTH
             elif cur:
-                entries[cidr] = Action.REDIRECT
+                action = Action.REDIRECT
             elif alt_ok:
-                entries[cidr] = Action.REDIRECT_ALT
+                action = Action.REDIRECT_ALT
             elif config.fail_closed:
-                entries[cidr] = Action.DROP
+                action = Action.DROP
+            else:
+                continue
+            # A node's own address steers only its pods' traffic (see Action.NODE_*).
+            entries[cidr] = action if cidr in node.pod_cidrs else action.for_node()
     for cidr in mesh.contested:  # fail closed even with fail_closed off: a leak, not a gap
         entries[cidr] = Action.DROP
     if not config.fail_closed:
