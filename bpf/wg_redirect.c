@@ -5,7 +5,8 @@
  *
  * Two entry points share one set of maps:
  *   to_underlay  tc egress of every device a packet leaves the node by: the uplink (routed
- *                CNIs) and the CNI's VXLAN device (overlays; it sees the inner packet). This
+ *                CNIs) and the CNI's VXLAN device (overlays; it sees the inner packet);
+ *                to_tunnel_l3 is the same on devices with no link-layer header (IPIP). This
  *                is the steering point: it runs after netfilter (FORWARD, POSTROUTING,
  *                kube-proxy's DNAT and SNAT, NetworkPolicy engines) and after the CNI's
  *                routing decision, so the cluster's rules apply to encrypted traffic exactly
@@ -101,19 +102,13 @@ static __always_inline void count(u32 slot, struct __sk_buff *skb)
     }
 }
 
-/* Fills flow from an Ethernet frame; returns 0 for IPv4/IPv6, -1 for anything else.
+/* Fills flow from an IP header at p (proto: its ethertype); 0 for IPv4/IPv6, -1 otherwise.
  * Only addresses are read: no verdict depends on ports, so IPv4 options, fragments and
  * IPv6 extension headers cannot steer a packet around the program. */
-static __always_inline int parse(struct __sk_buff *skb, struct flow *f)
+static __always_inline int parse_ip(void *p, void *data_end, __be16 proto, struct flow *f)
 {
-    void *data = (void *)(long)skb->data;
-    void *data_end = (void *)(long)skb->data_end;
-    struct ethhdr *eth = data;
-
-    if ((void *)(eth + 1) > data_end)
-        return -1;
-    if (eth->h_proto == bpf_htons(ETH_P_IP)) {
-        struct iphdr *ip = (void *)(eth + 1);
+    if (proto == bpf_htons(ETH_P_IP)) {
+        struct iphdr *ip = p;
         if ((void *)(ip + 1) > data_end)
             return -1;
         f->src.prefixlen = 128;
@@ -124,8 +119,8 @@ static __always_inline int parse(struct __sk_buff *skb, struct flow *f)
         f->dst.addr[11] = 0xff;
         __builtin_memcpy(&f->src.addr[12], &ip->saddr, 4);
         __builtin_memcpy(&f->dst.addr[12], &ip->daddr, 4);
-    } else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
-        struct ipv6hdr *ip6 = (void *)(eth + 1);
+    } else if (proto == bpf_htons(ETH_P_IPV6)) {
+        struct ipv6hdr *ip6 = p;
         if ((void *)(ip6 + 1) > data_end)
             return -1;
         f->src.prefixlen = 128;
@@ -136,6 +131,28 @@ static __always_inline int parse(struct __sk_buff *skb, struct flow *f)
         return -1;
     }
     return 0;
+}
+
+/* An Ethernet frame: veths, the uplink, VXLAN and Geneve devices. */
+static __always_inline int parse(struct __sk_buff *skb, struct flow *f)
+{
+    void *data = (void *)(long)skb->data;
+    void *data_end = (void *)(long)skb->data_end;
+    struct ethhdr *eth = data;
+
+    if ((void *)(eth + 1) > data_end)
+        return -1;
+    return parse_ip(eth + 1, data_end, eth->h_proto, f);
+}
+
+/* A device with no link-layer header (IPIP's tunl0, sit, ip6tnl, L3 GRE): the packet
+ * starts at the IP header and skb->protocol says which. */
+static __always_inline int parse_l3(struct __sk_buff *skb, struct flow *f)
+{
+    void *data = (void *)(long)skb->data;
+    void *data_end = (void *)(long)skb->data_end;
+
+    return parse_ip(data, data_end, skb->protocol, f);
 }
 
 static __always_inline int steer(struct __sk_buff *skb, u32 action)
@@ -190,22 +207,20 @@ pass:
     return TC_ACT_OK;
 }
 
-int to_underlay(struct __sk_buff *skb)
+/* The egress verdict, shared by the uplink (and L2 tunnels) and L3 tunnel devices. */
+static __always_inline int egress(struct __sk_buff *skb, struct flow *f)
 {
-    struct flow f = {};
     struct cidr_value *src, *dst;
     u32 action;
 
-    if (parse(skb, &f) < 0)
-        goto pass;
-    dst = cidrs.lookup(&f.dst);
+    dst = cidrs.lookup(&f->dst);
     if (!dst || dst->action == ACTION_LOCAL)
         goto pass;
     action = dst->action;
     if (action & ACTION_NODE) {
         /* A remote node's address: only a local pod's packets are ours. The host's own
          * traffic (our encrypted WireGuard packets, the kubelet, the API server) passes. */
-        src = cidrs.lookup(&f.src);
+        src = cidrs.lookup(&f->src);
         if (!src || src->action != ACTION_LOCAL)
             goto pass;
         action &= ~ACTION_NODE;
@@ -216,4 +231,26 @@ int to_underlay(struct __sk_buff *skb)
 pass:
     count(CNT_PASSED, skb);
     return TC_ACT_OK;
+}
+
+int to_underlay(struct __sk_buff *skb)
+{
+    struct flow f = {};
+
+    if (parse(skb, &f) < 0) {
+        count(CNT_PASSED, skb);
+        return TC_ACT_OK;
+    }
+    return egress(skb, &f);
+}
+
+int to_tunnel_l3(struct __sk_buff *skb)
+{
+    struct flow f = {};
+
+    if (parse_l3(skb, &f) < 0) {
+        count(CNT_PASSED, skb);
+        return TC_ACT_OK;
+    }
+    return egress(skb, &f);
 }

@@ -280,7 +280,7 @@ class NodeReconciler:
             #    default put it on every veth, bypassing the node's netfilter rules).
             pattern = self.settings.datapath.pod_interfaces
             targets = [(uplink.ifname, Hook.TO_UNDERLAY)] + [
-                (name, Hook.TO_UNDERLAY) for name in links.tunnel_interfaces(ipr)] + [
+                (ln.ifname, tunnel_hook(ln.kind)) for ln in links.tunnel_interfaces(ipr)] + [
                 (name, Hook.FROM_POD) for name in links.pod_interfaces(ipr, pattern)]
             for name in links.other_veths(ipr, pattern):
                 if any(a.hook is Hook.FROM_POD for a in attachments(ipr, name)) \
@@ -418,7 +418,7 @@ class NodeReconciler:
                 link = links.get_link(ipr, name)
                 if link is None:
                     continue  # gone again (a pod deleted at once)
-                hook = Hook.TO_UNDERLAY if link.kind in links.TUNNEL_KINDS else Hook.FROM_POD
+                hook = (tunnel_hook(link.kind) if link.kind != "veth" else Hook.FROM_POD)
                 if any(a.hook is hook for a in attachments(ipr, name)):
                     continue
                 try:
@@ -543,6 +543,11 @@ def new_peers(ops: list[PeerOp]) -> list[PublicKey]:
     X25519 operations, so a node's first sync with a thousand peers costs about 150 KB."""
     return [op.peer.public_key for op in ops
             if isinstance(op, AddPeer) and op.peer.persistent_keepalive == 0]
+
+
+def tunnel_hook(kind: str) -> Hook:
+    """Where an overlay tunnel device gets the program: L3 tunnels have no Ethernet header."""
+    return Hook.TO_TUNNEL_L3 if kind in links.L3_TUNNEL_KINDS else Hook.TO_UNDERLAY
 
 
 def _read(backend: WireGuardBackend) -> DeviceState:

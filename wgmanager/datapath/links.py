@@ -73,6 +73,9 @@ def _link(msg: object) -> Link:
 # encapsulated. The steering program goes there as well as on the uplink, whose egress
 # sees only the outer header (node to node).
 TUNNEL_KINDS = frozenset({"vxlan", "geneve"})
+# Tunnels with no link-layer header (Calico's IPIP tunl0, sit, ip6tnl, L3 GRE): the same
+# program, parsing from the IP header (``to_tunnel_l3``).
+L3_TUNNEL_KINDS = frozenset({"ipip", "sit", "ip6tnl", "gre", "ip6gre"})
 
 
 def pod_interfaces(ipr: IPRoute, pattern: str) -> list[str]:
@@ -90,9 +93,11 @@ def other_veths(ipr: IPRoute, pattern: str) -> list[str]:
                                                                                 pattern)))
 
 
-def tunnel_interfaces(ipr: IPRoute) -> list[str]:
-    """The node's VXLAN and Geneve devices (an overlay CNI's), never anyone's veth."""
-    return sorted(ln.ifname for ln in list_links(ipr) if ln.kind in TUNNEL_KINDS)
+def tunnel_interfaces(ipr: IPRoute) -> list[Link]:
+    """The node's tunnel devices (an overlay CNI's), L2 and L3."""
+    return sorted((ln for ln in list_links(ipr)
+                   if ln.kind in TUNNEL_KINDS or ln.kind in L3_TUNNEL_KINDS),
+                  key=lambda ln: ln.ifname)
 
 
 def ensure_up(ipr: IPRoute, ifname: str, *, mtu: int) -> Link:

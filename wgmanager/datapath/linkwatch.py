@@ -1,4 +1,4 @@
-"""Netlink link events: a new overlay tunnel device (VXLAN, Geneve) gets the steering program
+"""Netlink link events: a new overlay tunnel device (VXLAN, Geneve, IPIP) gets the steering program
 at once, and so does a new pod veth when the opt-in fast path (--pod-interfaces) is on.
 
 A CNI may create its VXLAN device after the agent started: until the program is on it,
@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pyroute2 import IPRoute
 from pyroute2.netlink.rtnl import RTMGRP_LINK
 
-from wgmanager.datapath.links import TUNNEL_KINDS
+from wgmanager.datapath.links import L3_TUNNEL_KINDS, TUNNEL_KINDS
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,8 @@ def watch_new_links(pattern: str, on_new: Callable[[str], None],
                     name = msg.get_attr("IFLA_IFNAME") or ""
                     info = msg.get_attr("IFLA_LINKINFO")
                     kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
-                    if kind in TUNNEL_KINDS or (kind == "veth" and pattern
+                    if kind in TUNNEL_KINDS or kind in L3_TUNNEL_KINDS or (
+                            kind == "veth" and pattern
                                                 and fnmatch.fnmatchcase(name, pattern)):
                         on_new(name)
     except Exception as e:
