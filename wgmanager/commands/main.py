@@ -130,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="daemonset (default): real kubelets run the Helm chart's "
                          "DaemonSet, as users install it; processes: one agent process per "
                          "node namespace and no kubelets (seconds instead of minutes)")
+    lu.add_argument("--overlay", choices=("none", "vxlan"), default="none",
+                    help="with --agents processes: route pods to other nodes through a "
+                         "VXLAN device as flannel's vxlan backend does (default: host-gw "
+                         "routes); `lab check` then proves the overlay encrypted")
     lsub.add_parser("down", help="remove everything the lab created")
     ls = lsub.add_parser("status", help="nodes, agents, peers and handshakes")
     ls.add_argument("--json", action="store_true")
