@@ -236,6 +236,15 @@ class TestPeers:
         hosts = {net("192.168.0.2/32"), net("fd10::2/128")}
         assert mesh.peers[key(2)].allowed_ips == frozenset(net(c) for c in cidrs) | hosts
 
+    def test_a_node_claiming_another_nodes_address_is_rejected(self) -> None:
+        """Node addresses are allowed IPs: the newcomer must not take the incumbent's (or
+        the local node's) address away from its peer."""
+        mesh = mesh_of(node("a", 2), node("b", 3, addresses=("192.168.0.2",)))
+        assert set(mesh.nodes) == {"a"}
+        assert "InternalIP 192.168.0.2 is already node 'a'" in mesh.rejected["b"].reason
+        local = mesh_of(node("c", 4, addresses=("192.168.0.1", "192.168.0.44")))
+        assert "is already node 'local'" in local.rejected["c"].reason
+
     def test_families_never_conflict(self) -> None:
         """An IPv4-mapped IPv6 CIDR is an IPv6 CIDR: it does not overlap the IPv4 one."""
         local = NodeSpec("local", ("192.168.0.1",), ("10.244.0.0/24",))
