@@ -1,14 +1,25 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
- * wgmanager datapath: steer pod-to-pod traffic for remote nodes into the WireGuard device,
- * and drop (never leak) traffic to cluster pod CIDRs whose peer is not ready.
+ * wgmanager datapath: steer traffic for remote pods (and pods' traffic for remote nodes)
+ * into the WireGuard device, and drop (never leak) what has no ready peer.
  *
  * Two entry points share one set of maps:
- *   from_pod     tc ingress of a pod's host-side veth: every packet a pod sends, before the
- *                CNI routes or encapsulates it. Works with any CNI routing mode.
- *   to_underlay  tc egress of the node's uplink: the guard. Whatever is about to leave the
- *                node from a local pod address towards a remote pod CIDR (a pod whose veth
- *                is not attached yet, a CNI that routes around us) is redirected or dropped.
+ *   to_underlay  tc egress of every device a packet leaves the node by: the uplink (routed
+ *                CNIs) and the CNI's VXLAN device (overlays; it sees the inner packet);
+ *                to_tunnel_l3 is the same on devices with no link-layer header (IPIP). This
+ *                is the steering point: it runs after netfilter (FORWARD, POSTROUTING,
+ *                kube-proxy's DNAT and SNAT, NetworkPolicy engines) and after the CNI's
+ *                routing decision, so the cluster's rules apply to encrypted traffic exactly
+ *                as to plaintext. Every source is steered to a remote pod CIDR: pods, the
+ *                host, ICMP errors, replies that netfilter reverse-NATed to a node address.
+ *   from_pod     tc ingress of a pod's host-side veth: the old fast path, opt-in only
+ *                (--pod-interfaces). It redirects before routing and netfilter, so the
+ *                sending node's iptables rules never see those packets.
+ *
+ * Remote node addresses are in the map too, flagged ACTION_NODE: only packets from a local
+ * pod address are steered by them (pod -> remote node: a hostPort, a NodePort, a reply to a
+ * masqueraded connection). Host traffic to node addresses, WireGuard's own UDP included,
+ * always passes: the tunnel never carries itself and the control plane never depends on it.
  *
  * The cidrs map is an LPM trie over IPv6 keys; IPv4 is stored IPv4-mapped (::ffff:a.b.c.d,
  * prefix + 96), so one lookup serves both families and the cost stays flat in its size.
@@ -38,6 +49,9 @@
  * one encrypted with the key it currently holds for us. */
 #define ACTION_REDIRECT_ALT 4
 #define ACTION_REDIRECT_BOTH 5
+/* Flag on an entry for a remote node's own address (a /32 or /128): steered (with the
+ * action in the low bits) only when the source is a local pod. */
+#define ACTION_NODE 0x10
 
 /* Counter slots; keep in step with wgmanager.datapath.bpf.Counter. */
 #define CNT_PASSED 0
@@ -88,19 +102,13 @@ static __always_inline void count(u32 slot, struct __sk_buff *skb)
     }
 }
 
-/* Fills flow from an Ethernet frame; returns 0 for IPv4/IPv6, -1 for anything else.
+/* Fills flow from an IP header at p (proto: its ethertype); 0 for IPv4/IPv6, -1 otherwise.
  * Only addresses are read: no verdict depends on ports, so IPv4 options, fragments and
  * IPv6 extension headers cannot steer a packet around the program. */
-static __always_inline int parse(struct __sk_buff *skb, struct flow *f)
+static __always_inline int parse_ip(void *p, void *data_end, __be16 proto, struct flow *f)
 {
-    void *data = (void *)(long)skb->data;
-    void *data_end = (void *)(long)skb->data_end;
-    struct ethhdr *eth = data;
-
-    if ((void *)(eth + 1) > data_end)
-        return -1;
-    if (eth->h_proto == bpf_htons(ETH_P_IP)) {
-        struct iphdr *ip = (void *)(eth + 1);
+    if (proto == bpf_htons(ETH_P_IP)) {
+        struct iphdr *ip = p;
         if ((void *)(ip + 1) > data_end)
             return -1;
         f->src.prefixlen = 128;
@@ -111,8 +119,8 @@ static __always_inline int parse(struct __sk_buff *skb, struct flow *f)
         f->dst.addr[11] = 0xff;
         __builtin_memcpy(&f->src.addr[12], &ip->saddr, 4);
         __builtin_memcpy(&f->dst.addr[12], &ip->daddr, 4);
-    } else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
-        struct ipv6hdr *ip6 = (void *)(eth + 1);
+    } else if (proto == bpf_htons(ETH_P_IPV6)) {
+        struct ipv6hdr *ip6 = p;
         if ((void *)(ip6 + 1) > data_end)
             return -1;
         f->src.prefixlen = 128;
@@ -125,10 +133,31 @@ static __always_inline int parse(struct __sk_buff *skb, struct flow *f)
     return 0;
 }
 
-static __always_inline int steer(struct __sk_buff *skb, struct cidr_value *dst)
+/* An Ethernet frame: veths, the uplink, VXLAN and Geneve devices. */
+static __always_inline int parse(struct __sk_buff *skb, struct flow *f)
+{
+    void *data = (void *)(long)skb->data;
+    void *data_end = (void *)(long)skb->data_end;
+    struct ethhdr *eth = data;
+
+    if ((void *)(eth + 1) > data_end)
+        return -1;
+    return parse_ip(eth + 1, data_end, eth->h_proto, f);
+}
+
+/* A device with no link-layer header (IPIP's tunl0, sit, ip6tnl, L3 GRE): the packet
+ * starts at the IP header and skb->protocol says which. */
+static __always_inline int parse_l3(struct __sk_buff *skb, struct flow *f)
+{
+    void *data = (void *)(long)skb->data;
+    void *data_end = (void *)(long)skb->data_end;
+
+    return parse_ip(data, data_end, skb->protocol, f);
+}
+
+static __always_inline int steer(struct __sk_buff *skb, u32 action)
 {
     u32 zero = 0;
-    u32 action = dst->action;
     struct wgm_config *cfg;
     u32 target, alt;
 
@@ -171,7 +200,34 @@ int from_pod(struct __sk_buff *skb)
     dst = cidrs.lookup(&f.dst);
     if (!dst || dst->action == ACTION_LOCAL)
         goto pass;
-    return steer(skb, dst);
+    /* The source is a pod (this is its veth): node entries apply as they are. */
+    return steer(skb, dst->action & ~ACTION_NODE);
+pass:
+    count(CNT_PASSED, skb);
+    return TC_ACT_OK;
+}
+
+/* The egress verdict, shared by the uplink (and L2 tunnels) and L3 tunnel devices. */
+static __always_inline int egress(struct __sk_buff *skb, struct flow *f)
+{
+    struct cidr_value *src, *dst;
+    u32 action;
+
+    dst = cidrs.lookup(&f->dst);
+    if (!dst || dst->action == ACTION_LOCAL)
+        goto pass;
+    action = dst->action;
+    if (action & ACTION_NODE) {
+        /* A remote node's address: only a local pod's packets are ours. The host's own
+         * traffic (our encrypted WireGuard packets, the kubelet, the API server) passes. */
+        src = cidrs.lookup(&f->src);
+        if (!src || src->action != ACTION_LOCAL)
+            goto pass;
+        action &= ~ACTION_NODE;
+    }
+    /* A remote pod CIDR: whatever the source (a pod, the host, an ICMP error quoting a
+     * pod's packet, a reply whose source netfilter rewrote to this node's address). */
+    return steer(skb, action);
 pass:
     count(CNT_PASSED, skb);
     return TC_ACT_OK;
@@ -180,20 +236,21 @@ pass:
 int to_underlay(struct __sk_buff *skb)
 {
     struct flow f = {};
-    struct cidr_value *src, *dst;
 
-    if (parse(skb, &f) < 0)
-        goto pass;
-    dst = cidrs.lookup(&f.dst);
-    if (!dst || dst->action == ACTION_LOCAL)
-        goto pass;
-    /* Only traffic from local pod addresses is pod-to-pod; host traffic (including our own
-     * encrypted WireGuard packets, sent from the node's address) is not ours. */
-    src = cidrs.lookup(&f.src);
-    if (!src || src->action != ACTION_LOCAL)
-        goto pass;
-    return steer(skb, dst);
-pass:
-    count(CNT_PASSED, skb);
-    return TC_ACT_OK;
+    if (parse(skb, &f) < 0) {
+        count(CNT_PASSED, skb);
+        return TC_ACT_OK;
+    }
+    return egress(skb, &f);
+}
+
+int to_tunnel_l3(struct __sk_buff *skb)
+{
+    struct flow f = {};
+
+    if (parse_l3(skb, &f) < 0) {
+        count(CNT_PASSED, skb);
+        return TC_ACT_OK;
+    }
+    return egress(skb, &f);
 }

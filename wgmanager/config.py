@@ -26,7 +26,9 @@ DEFAULT_LISTEN_PORT = 51820
 DEFAULT_STATE_DIR = Path("/var/lib/wgmanager")
 DEFAULT_PIN_DIR = Path("/sys/fs/bpf/wgmanager")
 DEFAULT_SOCKET_DIR = Path("/var/run/wireguard")
-DEFAULT_POD_INTERFACES = "veth*"
+# No pod veth gets the pre-netfilter fast path by default: steering happens at the egress
+# of the devices packets leave by, after the node's netfilter rules (docs/architecture.md).
+DEFAULT_POD_INTERFACES = ""
 
 # WireGuard overhead per packet on the underlay: outer IP + UDP (8) + WireGuard (32).
 OVERHEAD_IPV4 = 20 + 8 + 32
@@ -62,7 +64,7 @@ class DatapathSettings:
     pin_dir: Path = DEFAULT_PIN_DIR
     max_cidrs: int = 65536
     uplink: str | None = None  # None: the device that holds the node's InternalIP
-    pod_interfaces: str = DEFAULT_POD_INTERFACES  # glob of host-side pod veth names
+    pod_interfaces: str = DEFAULT_POD_INTERFACES  # glob of pod veths for from_pod (opt-in)
     cluster_cidrs: tuple[IPNetwork, ...] = ()
 
 

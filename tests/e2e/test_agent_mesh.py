@@ -246,8 +246,8 @@ def test_each_kind_of_node_change_touches_only_that_nodes_peer(kc: KubeCluster) 
         kc.delete_node("shifty")
 
 
-def test_pods_the_veth_hook_misses_are_encrypted_by_the_uplink_guard(kc: KubeCluster) -> None:
-    """A veth named outside --pod-interfaces never gets from_pod: the guard must catch it."""
+def test_pods_on_any_veth_are_encrypted_at_the_uplink(kc: KubeCluster) -> None:
+    """Steering is at the uplink's egress: a pod's veth name does not matter."""
     node1, node2 = kc.topo.nodes[0], kc.topo.nodes[1]
     odd = topology._create_pod(kc.topo.prefix, node1.netns, node1.index, 8, kc.topo.pod_mtu,
                                host_ifname="cni8")
@@ -259,21 +259,25 @@ def test_pods_the_veth_hook_misses_are_encrypted_by_the_uplink_guard(kc: KubeClu
     assert cap.wireguard_packets() > 0
 
 
-def test_a_new_pod_veth_gets_the_fast_path_at_once(kc: KubeCluster) -> None:
-    """The agent sees the new veth on netlink and attaches without waiting for a resync."""
-    node1, node2 = kc.topo.nodes[0], kc.topo.nodes[1]
-    late = topology._create_pod(kc.topo.prefix, node1.netns, node1.index, 9, kc.topo.pod_mtu)
+def test_a_new_vxlan_device_gets_the_program_at_once(kc: KubeCluster) -> None:
+    """An overlay CNI may create its VXLAN device after the agent started: the agent sees
+    it on netlink and attaches to its egress without waiting for a resync (60 s)."""
+    node1 = kc.topo.nodes[0]
+    ns = ["ip", "-n", node1.netns]
+    subprocess.run([*ns, "link", "add", "vxlate", "type", "vxlan", "id", "42", "dstport",
+                    "4789", "local", node1.ipv4, "dev", "eth0"], check=True)
+    try:
+        subprocess.run([*ns, "link", "set", "vxlate", "up"], check=True)
 
-    def attached() -> bool:
-        out = subprocess.run(["ip", "netns", "exec", node1.netns, "tc", "filter", "show",
-                              "dev", late.host_ifname, "ingress"],
-                             capture_output=True, text=True, check=False).stdout
-        return "from_pod" in out
-    waited = await_condition(attached, 10, "the new veth's from_pod filter", interval=0.05)
-    assert waited < 10  # the resync interval is 60 s: only the link watch explains this
-    with kc.capture("e2e-late-pod") as cap:
-        assert kc.reaches(late, node2.pods[0].ipv4)
-    assert cap.plaintext_pod_packets() == 0
+        def attached() -> bool:
+            out = subprocess.run(["ip", "netns", "exec", node1.netns, "tc", "filter", "show",
+                                  "dev", "vxlate", "egress"],
+                                 capture_output=True, text=True, check=False).stdout
+            return "to_underlay" in out
+        waited = await_condition(attached, 10, "the new VXLAN device's filter", interval=0.05)
+        assert waited < 10  # the resync interval is 60 s: only the link watch explains this
+    finally:
+        subprocess.run([*ns, "link", "del", "vxlate"], check=False)
 
 
 def test_losing_the_device_or_the_whole_agent_never_leaks(kc: KubeCluster) -> None:
@@ -347,7 +351,9 @@ def test_running_agents_never_map_bcc_or_llvm(kc: KubeCluster) -> None:
         assert not [m for m in mapped if any(lib in m for lib in ("libbcc", "LLVM", "clang"))]
         with IPRoute(netns=node.netns) as ipr:
             hooks = {a.hook for pod in node.pods for a in attachments(ipr, pod.host_ifname)}
-        assert hooks == {Hook.FROM_POD}
+            uplink = {a.hook for a in attachments(ipr, "eth0")}
+        assert hooks == set()  # the pre-netfilter fast path is opt-in
+        assert uplink == {Hook.TO_UNDERLAY}
 
 
 def test_rejected_peers_become_kubernetes_events(kc: KubeCluster) -> None:
@@ -393,9 +399,9 @@ def test_a_first_start_fails_closed_before_the_node_list_arrives(kc: KubeCluster
 
         def closed() -> bool:
             out = subprocess.run(["ip", "netns", "exec", node4.netns, "tc", "filter", "show",
-                                  "dev", src.host_ifname, "ingress"],
+                                  "dev", "eth0", "egress"],
                                  capture_output=True, text=True, check=False).stdout
-            return "from_pod" in out
+            return "to_underlay" in out
         await_condition(closed, 60, "node4's datapath to close", interval=0.2)
         with kc.capture("e2e-closed") as cap:
             assert kc.ping(src, dst.ipv4, count=3, interval=0.05, wait=1)[1] == 0

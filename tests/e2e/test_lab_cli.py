@@ -91,3 +91,30 @@ def test_down_removes_everything_and_is_repeatable(lab: LabCLI) -> None:
     assert again.returncode == 0 and "nothing to remove" in again.stdout
     gone = lab("status")
     assert gone.returncode == 1 and "lab up" in gone.stderr
+
+
+def test_check_proves_a_vxlan_overlay_lab_encrypted() -> None:
+    """`lab up --overlay vxlan`: pods reach other nodes through flannel-style VXLAN devices;
+    `lab check` passes, and its sanity inversion (the detector opens VXLAN) still sees
+    plaintext with the programs detached."""
+    cli = LabCLI("wgc" + secrets.token_hex(2))
+    try:
+        res = cli("up", "--nodes", "2", "--pods-per-node", "1", "--agents", "processes",
+                  "--overlay", "vxlan")
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert "pod routes: vxlan" in res.stdout
+        res = cli("check")
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert "encryption on: 0 plaintext pod packets" in res.stdout
+        assert "after re-attaching: 0 plaintext pod packets" in res.stdout
+    finally:
+        cli("down")
+        cleanup_prefix(cli.prefix)
+
+
+def test_overlay_needs_agent_processes() -> None:
+    cli = LabCLI("wgc" + secrets.token_hex(2))
+    res = cli("up", "--agents", "daemonset", "--overlay", "vxlan")
+    assert res.returncode != 0 and res.stderr.count("\n") == 1
+    assert "--agents processes" in res.stderr
+    assert topology.namespaces(cli.prefix) == []

@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -135,6 +136,16 @@ class Cluster:
                 for a, b in self.topo.cross_node_pairs() for fam in FAMILIES
                 if not self.reaches(a, getattr(b, fam))]
 
+    def await_sessions(self, timeout: float = 30.0) -> None:
+        """Until every cross-node pod pair answers: right after `apply` on every node, a
+        pair whose first handshake went to a node not listening yet waits for WireGuard's
+        5 s retry, and tests that count every echo must not start inside that window."""
+        deadline = time.monotonic() + timeout
+        while (missing := self.unreachable_pairs()):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"pairs still unreachable after {timeout:.0f} s: "
+                                     f"{missing}")
+
     def tcp_failures(self, port: int = 7000, nbytes: int = 64 * 1024) -> list[str]:
         """Cross-node pod pairs (both families) whose TCP transfer failed; [] when none."""
         failures = []
@@ -170,13 +181,16 @@ class Cluster:
 
 @contextlib.contextmanager
 def applied_cluster(prefix: str, *, wireguard_go: dict[int, Path] | None = None,
-                    nodes: int = 3, pods_per_node: int = 2) -> Iterator[Cluster]:
+                    nodes: int = 3, pods_per_node: int = 2,
+                    overlay: str = "none") -> Iterator[Cluster]:
     """A topology with keys generated and `wgmanager apply` run on every node; removed after.
 
-    ``wireguard_go`` maps node indexes to another wireguard-go binary for that node.
+    ``wireguard_go`` maps node indexes to another wireguard-go binary for that node;
+    ``overlay`` routes pods as an overlay CNI would (``wgmanager.lab.topology.create``).
     """
     try:
-        topo = topology.create(prefix, nodes=nodes, pods_per_node=pods_per_node)
+        topo = topology.create(prefix, nodes=nodes, pods_per_node=pods_per_node,
+                               overlay=overlay)
         c = Cluster(topo)
         for node in topo.nodes:
             if wireguard_go and node.index in wireguard_go:

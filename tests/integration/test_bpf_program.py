@@ -34,6 +34,9 @@ ENTRIES = {
     "fd00:244::/32": Action.DROP,
     "fd00:244:1::/64": Action.LOCAL,
     "fd00:244:2::/64": Action.REDIRECT,
+    "10.99.0.2/32": Action.NODE_REDIRECT,  # node2's own address, its peer ready
+    "10.99.0.3/32": Action.NODE_DROP,  # node3's, peer not ready
+    "fd99::2/128": Action.NODE_REDIRECT,
 }
 
 
@@ -79,6 +82,9 @@ def prog() -> Iterator[Loaded]:
     ("fd00:244:7::b", TC_ACT_SHOT),
     ("fd00:244:1::c", TC_ACT_OK),
     ("2001:db8::1", TC_ACT_OK),
+    ("10.99.0.2", TC_ACT_REDIRECT),  # a remote node's address (the source is a pod)
+    ("10.99.0.3", TC_ACT_SHOT),
+    ("fd99::2", TC_ACT_REDIRECT),
 ])
 def test_from_pod_verdicts(prog: Loaded, dst: str, expected: int) -> None:
     src = "fd00:244:1::b" if ":" in dst else "10.244.1.11"
@@ -97,21 +103,34 @@ def test_non_ip_frames_pass(prog: Loaded) -> None:
 
 
 @pytest.mark.parametrize(("src", "dst", "expected"), [
-    ("10.244.1.11", "10.244.2.7", TC_ACT_REDIRECT),  # a local pod's packet escaping: caught
-    ("10.244.1.11", "10.244.3.7", TC_ACT_SHOT),
-    ("10.99.0.1", "10.244.2.7", TC_ACT_OK),  # host traffic: not pod-to-pod
-    ("10.244.2.7", "10.244.2.8", TC_ACT_OK),  # not from a local pod
+    ("10.244.1.11", "10.244.2.7", TC_ACT_REDIRECT),  # a local pod to a remote pod
+    ("10.244.1.11", "10.244.3.7", TC_ACT_SHOT),  # peer not ready: fail closed
+    ("10.99.0.1", "10.244.2.7", TC_ACT_REDIRECT),  # host -> remote pod (issue 14)
+    ("10.99.0.1", "10.244.3.7", TC_ACT_SHOT),
+    ("10.99.0.1", "10.244.9.7", TC_ACT_SHOT),  # the cluster catch-all, whoever sends
+    ("10.244.2.7", "10.244.2.8", TC_ACT_REDIRECT),  # forwarded, any source (a NAT reply)
+    ("10.244.1.11", "10.244.1.12", TC_ACT_OK),  # local
+    ("10.244.1.11", "10.99.0.2", TC_ACT_REDIRECT),  # pod -> remote node (hostPort, NodePort)
+    ("10.244.1.11", "10.99.0.3", TC_ACT_SHOT),  # ... whose peer is not ready
+    ("10.99.0.1", "10.99.0.2", TC_ACT_OK),  # host -> node: WireGuard's own UDP, kubelet
+    ("10.99.0.1", "10.99.0.3", TC_ACT_OK),
+    ("10.244.2.7", "10.99.0.2", TC_ACT_OK),  # node entries are for local pods' packets
+    ("10.244.1.11", "10.99.0.9", TC_ACT_OK),  # not a node of the mesh
     ("fd00:244:1::b", "fd00:244:2::b", TC_ACT_REDIRECT),
-    ("fd99::1", "fd00:244:2::b", TC_ACT_OK),
+    ("fd99::1", "fd00:244:2::b", TC_ACT_REDIRECT),
+    ("fd00:244:1::b", "fd99::2", TC_ACT_REDIRECT),
+    ("fd99::1", "fd99::2", TC_ACT_OK),
 ])
-def test_to_underlay_guard_verdicts(prog: Loaded, src: str, dst: str, expected: int) -> None:
+def test_to_underlay_verdicts(prog: Loaded, src: str, dst: str, expected: int) -> None:
     assert prog.verdict(Hook.TO_UNDERLAY, frame(src, dst)) == expected
 
 
 def test_to_underlay_never_steers_our_own_wireguard_packets(prog: Loaded) -> None:
-    """Our encrypted packets leave from the node's address, which is not a local pod."""
-    own = frame("10.99.0.1", "10.244.2.7", sport=WG_PORT, dport=WG_PORT)
-    assert prog.verdict(Hook.TO_UNDERLAY, own) == TC_ACT_OK
+    """Our encrypted packets go from the node's address to a peer node's address: a node
+    entry, which steers only a local pod's packets. No port exemption is involved."""
+    for src, dst in (("10.99.0.1", "10.99.0.2"), ("fd99::1", "fd99::2")):
+        own = frame(src, dst, sport=WG_PORT, dport=WG_PORT)
+        assert prog.verdict(Hook.TO_UNDERLAY, own) == TC_ACT_OK
 
 
 def test_pod_udp_from_the_wireguard_port_is_still_steered(prog: Loaded) -> None:

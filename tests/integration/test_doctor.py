@@ -100,7 +100,7 @@ def test_this_machine_passes_with_userspace_wireguard() -> None:
 
     compiled = results["bpf-compile"]
     assert compiled["status"] == "ok", compiled
-    assert re.search(r"compiled and loaded from_pod and to_underlay in \d+\.\d s",
+    assert re.search(r"compiled and loaded from_pod, to_underlay and to_tunnel_l3 in \d+\.\d s",
                      compiled["detail"])
     for name in ("kernel", "bpf-syscall", "bpffs", "pin-dir", "tun", "kernel-headers",
                  "capabilities", "mtu", "rp-filter"):

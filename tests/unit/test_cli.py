@@ -75,7 +75,7 @@ def test_apply_defaults() -> None:
     assert args.socket_dir == config.DEFAULT_SOCKET_DIR
     assert args.pin_dir == config.DEFAULT_PIN_DIR
     assert args.uplink is None
-    assert args.pod_interfaces == "veth*"
+    assert args.pod_interfaces == ""  # from_pod is opt-in: steering is after netfilter
     assert args.max_cidrs == 65536
     assert args.log_level == "info" and args.log_format == "text"
 

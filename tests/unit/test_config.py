@@ -38,7 +38,7 @@ def test_defaults() -> None:
     assert s.wireguard.backend is BackendMode.AUTO
     assert s.wireguard.spawn_userspace is True
     assert s.datapath.pin_dir == Path("/sys/fs/bpf/wgmanager")
-    assert s.datapath.pod_interfaces == "veth*"
+    assert s.datapath.pod_interfaces == ""  # from_pod is opt-in
     assert s.datapath.uplink is None
 
 

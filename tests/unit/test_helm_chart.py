@@ -445,7 +445,7 @@ def test_agent_args_parse_with_the_agents_parser(on_render: Render) -> None:
     assert args.socket_dir == config.DEFAULT_SOCKET_DIR
     assert args.pin_dir == config.DEFAULT_PIN_DIR
     assert args.state_dir == config.DEFAULT_STATE_DIR
-    assert args.pod_interfaces == "veth*" and args.uplink is None
+    assert args.pod_interfaces == "" and args.uplink is None
     assert args.cluster_cidrs == ""
     assert (args.health_port, args.metrics_port) == (9876, 9877)
     assert args.metrics_per_peer is False and args.events is True

@@ -180,9 +180,11 @@ class TestPeers:
         assert set(mesh.nodes) == {"a", "b"}
         assert mesh.peers == {
             key(2): PeerConfig(key(2), Endpoint(ip("192.168.0.2"), 51820),
-                               frozenset({net("10.244.2.0/24"), net("fd00:244:0:2::/64")}), 25),
+                               frozenset({net("10.244.2.0/24"), net("fd00:244:0:2::/64"),
+                                          net("192.168.0.2/32"), net("fd10::2/128")}), 25),
             key(3): PeerConfig(key(3), Endpoint(ip("192.168.0.3"), 51820),
-                               frozenset({net("10.244.3.0/24"), net("fd00:244:0:3::/64")}), 25),
+                               frozenset({net("10.244.3.0/24"), net("fd00:244:0:3::/64"),
+                                          net("192.168.0.3/32"), net("fd10::3/128")}), 25),
         }
         assert mesh.peer_for_node("a") == mesh.peers[key(2)]
         assert mesh.peer_for_node("local") is None
@@ -226,9 +228,22 @@ class TestPeers:
         ("10.244.2.0/24",), ("fd00:244:0:2::/64",), ("10.244.2.0/24", "fd00:244:0:2::/64"),
         ("fd00:244:0:2::/64", "10.244.2.0/24"),
     ])
-    def test_allowed_ips_are_the_pod_cidrs(self, cidrs: tuple[str, ...]) -> None:
+    def test_allowed_ips_are_the_pod_cidrs_and_node_addresses(
+            self, cidrs: tuple[str, ...]) -> None:
+        """The node's own addresses too: what it sends from them through the tunnel
+        (reverse-NATed replies, ICMP errors, host -> pod) must be accepted here."""
         mesh = mesh_of(node("a", 2, cidrs=cidrs))
-        assert mesh.peers[key(2)].allowed_ips == frozenset(net(c) for c in cidrs)
+        hosts = {net("192.168.0.2/32"), net("fd10::2/128")}
+        assert mesh.peers[key(2)].allowed_ips == frozenset(net(c) for c in cidrs) | hosts
+
+    def test_a_node_claiming_another_nodes_address_is_rejected(self) -> None:
+        """Node addresses are allowed IPs: the newcomer must not take the incumbent's (or
+        the local node's) address away from its peer."""
+        mesh = mesh_of(node("a", 2), node("b", 3, addresses=("192.168.0.2",)))
+        assert set(mesh.nodes) == {"a"}
+        assert "InternalIP 192.168.0.2 is already node 'a'" in mesh.rejected["b"].reason
+        local = mesh_of(node("c", 4, addresses=("192.168.0.1", "192.168.0.44")))
+        assert "is already node 'local'" in local.rejected["c"].reason
 
     def test_families_never_conflict(self) -> None:
         """An IPv4-mapped IPv6 CIDR is an IPv6 CIDR: it does not overlap the IPv4 one."""
@@ -438,7 +453,9 @@ class TestMeshProperties:
             peer = mesh.peer_for_node(spec.name)
             assert peer is not None
             assert peer.public_key == PublicKey.from_base64(spec.public_key or "")
-            assert peer.allowed_ips == frozenset(ipaddress.ip_network(c) for c in spec.pod_cidrs)
+            node = mesh.nodes[spec.name]
+            assert peer.allowed_ips == (frozenset(ipaddress.ip_network(c) for c in spec.pod_cidrs)
+                                        | frozenset(node.hosts))
             assert peer.persistent_keepalive == cluster.config.persistent_keepalive
             first = next(a for a in map(ip, spec.addresses) if a.version == cluster.family)
             assert peer.endpoint == Endpoint(first, cluster.config.listen_port)
@@ -644,6 +661,9 @@ class TestDatapathMap:
             for c in n.pod_cidrs:
                 ready = n.public_key in dev_peers and c in dev_peers[n.public_key].allowed_ips
                 owned[c] = Action.REDIRECT if ready else Action.DROP
+            for h in n.hosts:  # its own addresses: node entries (steer its pods' traffic)
+                ready = n.public_key in dev_peers and h in dev_peers[n.public_key].allowed_ips
+                owned[h] = Action.NODE_REDIRECT if ready else Action.NODE_DROP
         for c in mesh.contested:  # local ranges an older node owns: dropped here
             owned[c] = Action.DROP
         for c, action in owned.items():

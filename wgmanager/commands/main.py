@@ -132,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="daemonset (default): real kubelets run the Helm chart's "
                          "DaemonSet, as users install it; processes: one agent process per "
                          "node namespace and no kubelets (seconds instead of minutes)")
+    lu.add_argument("--overlay", choices=("none", "vxlan"), default="none",
+                    help="with --agents processes: route pods to other nodes through a "
+                         "VXLAN device as flannel's vxlan backend does (default: host-gw "
+                         "routes); `lab check` then proves the overlay encrypted")
     lsub.add_parser("down", help="remove everything the lab created")
     ls = lsub.add_parser("status", help="nodes, agents, peers and handshakes")
     ls.add_argument("--json", action="store_true")
@@ -197,7 +201,10 @@ def _node_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--uplink", default=None,
                    help="underlay device (default: the one holding the node's InternalIP)")
     p.add_argument("--pod-interfaces", default=config.DEFAULT_POD_INTERFACES,
-                   help="glob of host-side pod veth names (default %(default)s)")
+                   help="glob of host-side pod veth names that get the pre-netfilter fast path "
+                        "(from_pod; the sending node's iptables rules do not see what it "
+                        "steers); default none: steering at the uplink's egress, after "
+                        "netfilter")
     p.add_argument("--max-cidrs", type=int, default=65536)
 
 

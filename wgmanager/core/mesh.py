@@ -168,12 +168,13 @@ def compute_mesh(
         return (not incumbent, spec.created, node.name)
 
     key_owner: dict[PublicKey, str] = {local.public_key: local.name}
+    addr_owner: dict[IPAddress, str] = dict.fromkeys(local.addresses, local.name)
     claims = claims if claims is not None else CidrClaims()
     for c in local.pod_cidrs:
         claims.add(c, local.name)
     accepted: dict[str, Node] = {}
     for node, _spec in sorted(candidates, key=priority):
-        reason = conflict(node, key_owner, claims)
+        reason = conflict(node, key_owner, claims, addr_owner)
         if reason is not None:
             rejected[node.name] = Rejected(node.name, reason, node.pod_cidrs)
             continue
@@ -181,6 +182,7 @@ def compute_mesh(
             rejected[node.name] = Rejected(node.name, no_endpoint_reason(local), node.pod_cidrs)
             continue
         key_owner[node.public_key] = node.name
+        addr_owner.update(dict.fromkeys(node.addresses, node.name))
         for c in node.pod_cidrs:
             claims.add(c, node.name)
         accepted[node.name] = node
@@ -203,7 +205,7 @@ def peer_config(node: Node, local: Node, config: MeshConfig) -> PeerConfig:
     """The peer an accepted remote node gets on the local device."""
     return PeerConfig(public_key=node.public_key,
                       endpoint=_endpoint(node, local, config.listen_port),
-                      allowed_ips=frozenset(node.pod_cidrs),
+                      allowed_ips=frozenset(node.pod_cidrs) | frozenset(node.hosts),
                       persistent_keepalive=config.persistent_keepalive)
 
 
@@ -295,11 +297,21 @@ class CidrClaims:
         return None
 
 
-def conflict(node: Node, key_owner: Mapping[PublicKey, str],
-              claims: CidrClaims) -> str | None:
+def conflict(node: Node, key_owner: Mapping[PublicKey, str], claims: CidrClaims,
+             addr_owner: Mapping[IPAddress, str]) -> str | None:
+    """Why ``node`` cannot have a peer next to the nodes already accepted, or None.
+
+    Node addresses are allowed IPs (``Node.hosts``), and WireGuard gives an allowed IP to
+    one peer: a node claiming another's InternalIP would take that node's address from
+    its peer (pods' traffic to it would be encrypted to the newcomer's key), so the
+    incumbent keeps it, as with keys and pod CIDRs."""
     owner = key_owner.get(node.public_key)
     if owner is not None:
         return f"public key is already used by node {owner!r} (cloned key file?)"
+    for addr in node.addresses:
+        holder = addr_owner.get(addr)
+        if holder is not None:
+            return f"InternalIP {addr} is already node {holder!r}'s"
     for cidr in node.pod_cidrs:
         hit = claims.overlapping(cidr)
         if hit is not None:
@@ -387,18 +399,22 @@ def datapath_map(mesh: Mesh, device: DeviceState, config: MeshConfig, *,
     entries: dict[IPNetwork, Action] = {c: Action.LOCAL for c in mesh.local.pod_cidrs}
     for node in mesh.nodes.values():
         route = routes.get(node.name, Route.CURRENT)
-        for cidr in node.pod_cidrs:
+        for cidr in (*node.pod_cidrs, *node.hosts):
             cur = route is not Route.ALT and _ready(device, node, cidr, held)
             alt_ok = (route is not Route.CURRENT and alt is not None
                       and _ready(alt, node, cidr, alt_held))
             if cur and alt_ok:
-                entries[cidr] = Action.REDIRECT_BOTH
+                action = Action.REDIRECT_BOTH
             elif cur:
-                entries[cidr] = Action.REDIRECT
+                action = Action.REDIRECT
             elif alt_ok:
-                entries[cidr] = Action.REDIRECT_ALT
+                action = Action.REDIRECT_ALT
             elif config.fail_closed:
-                entries[cidr] = Action.DROP
+                action = Action.DROP
+            else:
+                continue
+            # A node's own address steers only its pods' traffic (see Action.NODE_*).
+            entries[cidr] = action if cidr in node.pod_cidrs else action.for_node()
     for cidr in mesh.contested:  # fail closed even with fail_closed off: a leak, not a gap
         entries[cidr] = Action.DROP
     if not config.fail_closed:

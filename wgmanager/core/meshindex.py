@@ -32,7 +32,15 @@ from wgmanager.core.mesh import (
     parse_node,
     peer_config,
 )
-from wgmanager.core.model import IPNetwork, MeshConfig, Node, NodeSpec, PeerConfig, Rejected
+from wgmanager.core.model import (
+    IPAddress,
+    IPNetwork,
+    MeshConfig,
+    Node,
+    NodeSpec,
+    PeerConfig,
+    Rejected,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +67,7 @@ class MeshIndex:
         self._local_key: PublicKey | None = None
         self._quarantined: frozenset[str] = frozenset()
         self._key_owner: dict[PublicKey, str] = {}
+        self._addr_owner: dict[IPAddress, str] = {}
         self._claims = CidrClaims()
         # A rejected node overlapping the local pod CIDRs makes ``contested`` depend on the
         # previous mesh in ways only the full computation follows: then every pass is full.
@@ -90,6 +99,9 @@ class MeshIndex:
         self._local_key, self._quarantined = local_key, quarantined
         self._key_owner = {mesh.local.public_key: mesh.local.name}
         self._key_owner.update({n.public_key: n.name for n in mesh.nodes.values()})
+        self._addr_owner = dict.fromkeys(mesh.local.addresses, mesh.local.name)
+        for n in mesh.nodes.values():
+            self._addr_owner.update(dict.fromkeys(n.addresses, n.name))
         self._local_contended = any(
             c.version == o.version and c.overlaps(o)
             for rej in mesh.rejected.values() for c in rej.pod_cidrs for o in mesh.local.pod_cidrs)
@@ -159,7 +171,7 @@ class MeshIndex:
             parsed = self._by_name.get(name)
             if name in new or not isinstance(parsed, Node) or rej.reason == QUARANTINE_REASON:
                 continue
-            reason = conflict(parsed, self._key_owner, self._claims)
+            reason = conflict(parsed, self._key_owner, self._claims, self._addr_owner)
             if reason is None:
                 if peer_config(parsed, prev.local, self.config).endpoint is not None:
                     return None
@@ -172,25 +184,30 @@ class MeshIndex:
         """One changed node's checks against the local node and the incumbents."""
         if isinstance(parsed, Rejected):
             return parsed
-        reason = conflict(parsed, self._key_owner, self._claims)
+        reason = conflict(parsed, self._key_owner, self._claims, self._addr_owner)
         if reason is not None:
             return Rejected(parsed.name, reason, parsed.pod_cidrs)
         peer = peer_config(parsed, local, self.config)
         if peer.endpoint is None:
             return Rejected(parsed.name, no_endpoint_reason(local), parsed.pod_cidrs)
         self._key_owner[parsed.public_key] = parsed.name
+        self._addr_owner.update(dict.fromkeys(parsed.addresses, parsed.name))
         for cidr in parsed.pod_cidrs:
             self._claims.add(cidr, parsed.name)
         return peer
 
     def _withdraw(self, node: Node) -> None:
         self._key_owner.pop(node.public_key, None)
+        for addr in node.addresses:
+            if self._addr_owner.get(addr) == node.name:
+                del self._addr_owner[addr]
         for cidr in node.pod_cidrs:
             self._claims.remove(cidr)
 
     def _independent(self, prev: Mesh, new: Mapping[str, Node | Rejected | None]) -> bool:
         """Whether the changed nodes' old and new claims touch no one else's claims."""
         keys: set[PublicKey] = set()
+        addrs: set[IPAddress] = set()  # the changed nodes' old and new addresses
         cidrs = CidrClaims()  # the changed nodes' old and new CIDRs, per node
         mine: list[tuple[str, IPNetwork]] = []
         for name, parsed in new.items():
@@ -199,6 +216,11 @@ class MeshIndex:
             if own_keys & keys:
                 return False
             keys |= own_keys
+            own_addrs = {a for n in (*olds, parsed) if isinstance(n, Node) for a in n.addresses}
+            if own_addrs & addrs or any(self._addr_owner.get(a, name) != name
+                                        for a in own_addrs):
+                return False  # an address two nodes claim: only a full pass orders them
+            addrs |= own_addrs
             own = {c for n in (*olds, parsed, prev.rejected.get(name)) if n is not None
                    for c in n.pod_cidrs}
             for cidr in own:
@@ -221,6 +243,7 @@ class MeshIndex:
             if any(cidrs.overlapping(c) is not None for c in rej.pod_cidrs):
                 return False
             parsed = self._by_name.get(name)
-            if isinstance(parsed, Node) and parsed.public_key in keys:
+            if isinstance(parsed, Node) and (parsed.public_key in keys
+                                             or addrs.intersection(parsed.addresses)):
                 return False
         return True

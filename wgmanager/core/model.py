@@ -66,6 +66,14 @@ class Node:
     previous_key: PublicKey | None = None
     previous_port: int | None = None
 
+    @property
+    def hosts(self) -> tuple[IPNetwork, ...]:
+        """The node's own addresses as /32 and /128 networks: allowed IPs of its peer, so
+        that what the node sends from its address through the tunnel (replies netfilter
+        reverse-NATed to it, ICMP errors, host traffic to pods) is accepted, and the
+        datapath's node entries (pods' traffic to this node's address)."""
+        return tuple(ipaddress.ip_network(a) for a in self.addresses)
+
 
 @dataclass(frozen=True, slots=True)
 class Rejected:
@@ -155,6 +163,19 @@ class Action(enum.IntEnum):
     # goes to both (the peer accepts exactly one copy: the one from the key it uses).
     REDIRECT_ALT = 4
     REDIRECT_BOTH = 5
+    # A remote node's own address (ACTION_NODE in the program): the same verdicts, applied
+    # only to packets from a local pod; the host's own traffic to node addresses passes.
+    NODE_REDIRECT = 0x12
+    NODE_DROP = 0x13
+    NODE_REDIRECT_ALT = 0x14
+    NODE_REDIRECT_BOTH = 0x15
+
+    def for_node(self) -> Action:
+        """This verdict as a node-address entry."""
+        return Action(self | NODE_FLAG)
+
+
+NODE_FLAG = 0x10
 
 
 @dataclass(frozen=True, slots=True)

@@ -173,7 +173,9 @@ def plan_map(desired: Mapping[IPNetwork, Action], actual: Mapping[IPNetwork, Act
     return MapPlan(dict(sorted(upserts.items(), key=lambda kv: network_sort_key(kv[0]))), deletes)
 
 
-REDIRECTS = frozenset({Action.REDIRECT, Action.REDIRECT_ALT, Action.REDIRECT_BOTH})
+REDIRECTS = frozenset({Action.REDIRECT, Action.REDIRECT_ALT, Action.REDIRECT_BOTH,
+                       Action.NODE_REDIRECT, Action.NODE_REDIRECT_ALT,
+                       Action.NODE_REDIRECT_BOTH})
 
 
 def plan_fail_closed(desired: Mapping[IPNetwork, Action],

@@ -105,12 +105,14 @@ def change_scope(change: MeshChange, model: DeviceModel,
     for name in change.names:
         versions += [mesh.nodes.get(name), mesh.rejected.get(name)]
     cidrs = {c for n in versions if n is not None for c in n.pod_cidrs}
+    hosts = {h for n in versions if isinstance(n, Node) for h in n.hosts}
     for cidr in list(cidrs):
         hit = claims.overlapping(cidr)
         if hit is not None and hit[0] == cidr and hit[1] not in change.names:
             cidrs.discard(cidr)
     keys = {k for n in versions if isinstance(n, Node)
             for k in (n.public_key, n.previous_key) if k is not None}
+    cidrs |= hosts  # the nodes' own addresses: their entries and allowed IPs move too
     return cidrs, keys | model.holders(cidrs)
 
 
@@ -122,13 +124,16 @@ def scoped_entries(mesh: Mesh, names: Iterable[str], device: DeviceModel, config
         node = mesh.nodes.get(name)
         if node is not None:
             key = None if any_key else held_key(device.state, node)
-            for cidr in node.pod_cidrs:
+            for cidr in (*node.pod_cidrs, *node.hosts):
                 holder = device.owner.get(cidr)
                 ready = holder is not None and (any_key or holder == key)
                 if ready:
-                    entries[cidr] = Action.REDIRECT
+                    action = Action.REDIRECT
                 elif config.fail_closed:
-                    entries[cidr] = Action.DROP
+                    action = Action.DROP
+                else:
+                    continue
+                entries[cidr] = action if cidr in node.pod_cidrs else action.for_node()
         rej = mesh.rejected.get(name)
         if rej is not None and config.fail_closed:
             for cidr in rej.pod_cidrs:

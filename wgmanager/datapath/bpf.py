@@ -1,10 +1,11 @@
 """Load and attach the steering program (bpf/wg_redirect.c): bcc in a child, pyroute2 here.
 
-One compiled program serves every attach point: ``from_pod`` on the tc ingress of each pod's
-host-side veth, ``to_underlay`` on the tc egress of the uplink (see docs/architecture.md for
-why both). Maps are pinned under a per-node bpffs directory, so a restarted agent loads a new
-program onto the same maps and swaps it in with one atomic ``tc filter replace``: no packet
-sees a missing or empty program.
+One compiled program serves every attach point: ``to_underlay`` on the tc egress of the
+uplink and of an overlay CNI's VXLAN/Geneve device, ``to_tunnel_l3`` on the egress of an
+IPIP device, and (opt-in) ``from_pod`` on the tc ingress of pod veths (docs/architecture.md
+says why steering is at egress). Maps are pinned under a per-node bpffs directory, so a
+restarted agent loads a new program onto the same maps and swaps it in with one atomic
+``tc filter replace``: no packet sees a missing or empty program.
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ COMPILE_TIMEOUT = 120.0  # seconds; a compile takes ~0.3 s, minutes on a starved
 
 
 class Hook(enum.StrEnum):
-    FROM_POD = "from_pod"  # tc ingress of a pod's host-side veth
-    TO_UNDERLAY = "to_underlay"  # tc egress of the node's uplink
+    FROM_POD = "from_pod"  # tc ingress of a pod's host-side veth (opt-in fast path)
+    TO_UNDERLAY = "to_underlay"  # tc egress of the uplink and of VXLAN/Geneve devices
+    TO_TUNNEL_L3 = "to_tunnel_l3"  # tc egress of a tunnel with no link layer (IPIP)
 
     @property
     def parent(self) -> int:

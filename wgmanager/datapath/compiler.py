@@ -4,7 +4,7 @@ Run as ``python -m wgmanager.datapath.compiler PIN_DIR MAX_CIDRS TOKEN``, never 
 the agent: ``import bcc`` maps libLLVM and libclang (~60 MiB of resident memory that would
 stay for the agent's whole life, for a compile that takes a third of a second at start).
 The child compiles bpf/wg_redirect.c (its maps are pinned under PIN_DIR by the program
-itself), loads both functions and pins each under ``PIN_DIR/load-TOKEN-<hook>``; the parent
+itself), loads its functions and pins each under ``PIN_DIR/load-TOKEN-<hook>``; the parent
 (``wgmanager.datapath.bpf.Program``) opens those pins, removes them and attaches the
 programs by fd. The child is spawned, not forked: the agent has threads.
 
@@ -29,7 +29,8 @@ from wgmanager.datapath import libbpf
 from wgmanager.errors import DatapathError
 from wgmanager.kernel_errors import explain_kernel_error
 
-HOOKS = ("from_pod", "to_underlay")  # the program's functions, as wgmanager.datapath.bpf.Hook
+# The program's functions, as wgmanager.datapath.bpf.Hook.
+HOOKS = ("from_pod", "to_underlay", "to_tunnel_l3")
 
 
 def program_source() -> str:

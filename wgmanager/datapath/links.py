@@ -68,10 +68,36 @@ def _link(msg: object) -> Link:
     )
 
 
+# Overlay CNIs' tunnel devices (flannel's flannel.1, Calico's vxlan.calico): L2 tunnels,
+# so their tc egress sees the inner Ethernet frame, pod addresses and all, before it is
+# encapsulated. The steering program goes there as well as on the uplink, whose egress
+# sees only the outer header (node to node).
+TUNNEL_KINDS = frozenset({"vxlan", "geneve"})
+# Tunnels with no link-layer header (Calico's IPIP tunl0, sit, ip6tnl, L3 GRE): the same
+# program, parsing from the IP header (``to_tunnel_l3``).
+L3_TUNNEL_KINDS = frozenset({"ipip", "sit", "ip6tnl", "gre", "ip6gre"})
+
+
 def pod_interfaces(ipr: IPRoute, pattern: str) -> list[str]:
-    """Host-side pod veths: veth links whose name matches the CNI's naming glob."""
+    """Host-side pod veths: veth links whose name matches the CNI's naming glob (an empty
+    glob matches none)."""
     return sorted(ln.ifname for ln in list_links(ipr)
-                  if ln.kind == "veth" and fnmatch.fnmatchcase(ln.ifname, pattern))
+                  if ln.kind == "veth" and pattern and fnmatch.fnmatchcase(ln.ifname, pattern))
+
+
+def other_veths(ipr: IPRoute, pattern: str) -> list[str]:
+    """Veths the glob does not match: where a from_pod filter is a leftover (an older
+    agent attached it to every veth, or the glob changed) and must go."""
+    return sorted(ln.ifname for ln in list_links(ipr)
+                  if ln.kind == "veth" and not (pattern and fnmatch.fnmatchcase(ln.ifname,
+                                                                                pattern)))
+
+
+def tunnel_interfaces(ipr: IPRoute) -> list[Link]:
+    """The node's tunnel devices (an overlay CNI's), L2 and L3."""
+    return sorted((ln for ln in list_links(ipr)
+                   if ln.kind in TUNNEL_KINDS or ln.kind in L3_TUNNEL_KINDS),
+                  key=lambda ln: ln.ifname)
 
 
 def ensure_up(ipr: IPRoute, ifname: str, *, mtu: int) -> Link:

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from wgmanager.errors import ConfigError
 from wgmanager.lab import kubelab, kubelets, topology
 from wgmanager.lab.kubelab import KubeLab
 from wgmanager.lab.lab import Lab, LabError
@@ -96,6 +97,10 @@ def up(args: argparse.Namespace) -> int:
         return 0
     started = time.monotonic()
     lab: AnyLab
+    overlay = getattr(args, "overlay", "none")
+    if overlay != "none" and args.agents != "processes":
+        raise ConfigError(f"--overlay {overlay} needs --agents processes (real kubelets get "
+                          "their pod routes from the controller-manager's CIDRs, host-gw)")
     if args.agents == "daemonset":
         print(f"wgmanager lab up: {args.nodes} real kubelets, {args.pods_per_node} pods each, "
               "the Helm chart's DaemonSet", flush=True)
@@ -103,9 +108,11 @@ def up(args: argparse.Namespace) -> int:
         lab.up(nodes=args.nodes, pods_per_node=args.pods_per_node, progress=_progress)
     else:
         print(f"wgmanager lab up: {args.nodes} nodes, {args.pods_per_node} pods each, one "
-              "agent process per node", flush=True)
+              f"agent process per node, pod routes: {overlay if overlay != 'none' else 'host-gw'}",
+              flush=True)
         lab = Lab(args.root, prefix=args.prefix)
-        lab.up(nodes=args.nodes, pods_per_node=args.pods_per_node, progress=_progress)
+        lab.up(nodes=args.nodes, pods_per_node=args.pods_per_node, progress=_progress,
+               overlay=overlay)
     doc = lab.status()
     print(render_status(doc))
     print(f"\nlab up in {time.monotonic() - started:.1f}s. Next: `wgmanager lab check`; "

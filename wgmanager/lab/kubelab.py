@@ -373,13 +373,10 @@ class KubeLab:
 
     def _all_attached(self) -> bool:
         for sim in self.topology.nodes:
+            # Steering is at the uplink's egress (pod veths carry nothing by default).
             if "to_underlay" not in _tc(sim.netns, ["filter", "show", "dev", "eth0",
                                                     "egress"]):
                 return False
-            for pod in sim.pods:
-                if "from_pod" not in _tc(sim.netns, ["filter", "show", "dev", pod.host_ifname,
-                                                     "ingress"]):
-                    return False
         return True
 
     # -- exec -------------------------------------------------------------------------------

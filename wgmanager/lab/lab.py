@@ -121,10 +121,11 @@ class Lab:
 
     def up(self, *, nodes: int = 3, pods_per_node: int = 2, start_agents: int | None = None,
            progress: Progress = lambda _: None, timeout: float = 120.0,
-           agent_args: Sequence[str] = ()) -> None:
+           agent_args: Sequence[str] = (), overlay: str = "none") -> None:
         """Builds the lab; on failure removes everything it made and re-raises.
 
-        ``agent_args`` are extra agent flags for every agent this object starts."""
+        ``agent_args`` are extra agent flags for every agent this object starts; ``overlay``
+        routes pods as an overlay CNI would (``wgmanager.lab.topology.create``)."""
         self.agent_args = tuple(agent_args)
         if nodes < 2 or nodes > 50:
             raise ConfigError("--nodes must be between 2 and 50")
@@ -138,7 +139,8 @@ class Lab:
         try:
             progress(f"network: {nodes} nodes x {pods_per_node} pods, underlay bridge")
             self.topo = topology.create(self.prefix, nodes=nodes, pods_per_node=pods_per_node,
-                                        underlay=free_underlay(), host_link=True)
+                                        underlay=free_underlay(), host_link=True,
+                                        overlay=overlay)
             self._save()
             progress(f"control plane: etcd + kube-apiserver on {self.topo.host_address}:6443")
             self._start_control_plane()
@@ -366,10 +368,18 @@ class Lab:
 
     def detach_datapaths(self) -> None:
         for node in self.nodes:
-            self._tc(node, ["filter", "del", "dev", "eth0", "egress", "pref", "10"])
+            for ifname in ["eth0", *self._tunnels(node)]:
+                self._tc(node, ["filter", "del", "dev", ifname, "egress", "pref", "10"])
             for pod in node.pods:
                 self._tc(node, ["filter", "del", "dev", pod.host_ifname, "ingress", "pref",
                                 "10"])
+
+    def _tunnels(self, node: SimNode) -> list[str]:
+        """The node's overlay devices (``--overlay``): the program steers there too."""
+        out = subprocess.run(["ip", "-n", node.netns, "-o", "link", "show", "type", "vxlan"],
+                             capture_output=True, text=True, check=False).stdout
+        return [line.split(":")[1].strip().split("@")[0] for line in out.splitlines()
+                if line.strip()]
 
     def reattach_datapaths(self) -> None:
         self.signal_agents(signal.SIGHUP)
@@ -383,12 +393,9 @@ class Lab:
         for node in self.nodes:
             if self.agent_pid(node) is None:
                 continue
-            out = self._tc(node, ["filter", "show", "dev", "eth0", "egress"]).stdout
-            if "to_underlay" not in out:
-                return False
-            for pod in node.pods:
-                out = self._tc(node, ["filter", "show", "dev", pod.host_ifname, "ingress"]).stdout
-                if "from_pod" not in out:
+            for ifname in ["eth0", *self._tunnels(node)]:  # steering; pod veths: nothing
+                out = self._tc(node, ["filter", "show", "dev", ifname, "egress"]).stdout
+                if "to_underlay" not in out:
                     return False
         return True
 

@@ -107,9 +107,16 @@ def sysctl(netns: str, assignments: dict[str, str]) -> None:
     run(cmd + [f"{k}={v}" for k, v in assignments.items()])
 
 
+OVERLAYS = ("none", "vxlan", "ipip")
+VXLAN_PORT = 8472  # flannel's (the Linux default); IANA's 4789 is what the detector also knows
+VXLAN_DEVICE = "flannel.1"
+IPIP_DEVICE = "tunl0"  # the ipip module's fallback device, which Calico's IPIP mode uses
+
+
 def create(prefix: str, *, nodes: int = 3, pods_per_node: int = 2,
            pod_mtu: int = UNDERLAY_MTU - 60, underlay: str = "10.99.0",
-           host_link: bool = False, pod_routes: bool = True) -> Topology:
+           host_link: bool = False, pod_routes: bool = True,
+           overlay: str = "none") -> Topology:
     """Builds the namespaces; on any failure removes what it made and re-raises.
 
     ``underlay`` is the first three octets of the nodes' /24. With ``host_link`` this
@@ -118,7 +125,16 @@ def create(prefix: str, *, nodes: int = 3, pods_per_node: int = 2,
     from it; pick an ``underlay`` no other route on this machine covers. Without
     ``pod_routes`` the nodes get no routes to each other's pod CIDRs: for real kubelets,
     whose CIDRs the controller-manager hands out (``kubelets.sync_routes`` routes those).
+
+    ``overlay`` shapes the pod routes the way an overlay CNI does: ``vxlan`` as flannel's
+    vxlan backend (a ``flannel.1`` VXLAN device holding the node's pod network address,
+    static neighbour and FDB entries per remote node, remote pod CIDRs routed through it,
+    both families), ``ipip`` as Calico's IPIP mode (IPv4 pod CIDRs routed ``onlink``
+    through ``tunl0``, IPv6 natively: IPIP carries IPv4 only; needs the ipip module, which
+    the CI kernel lacks and the kernel lane's VM has). ``none``: host-gw routes.
     """
+    if overlay not in OVERLAYS:
+        raise ValueError(f"overlay {overlay!r} is not one of {', '.join(OVERLAYS)}")
     ul = f"{prefix}-ul"
     try:
         run(["ip", "netns", "add", ul])
@@ -136,17 +152,47 @@ def create(prefix: str, *, nodes: int = 3, pods_per_node: int = 2,
         for i in range(1, nodes + 1):
             built.append(_create_node(prefix, ul, i, pods_per_node, pod_mtu, underlay))
         for node in built if pod_routes else []:
-            routes = []
-            for other in built:
-                if other is node:
-                    continue
-                routes.append(f"route add {other.pod_cidr4} via {other.ipv4}")
-                routes.append(f"route add {other.pod_cidr6} via {other.ipv6}")
-            ip_batch(node.netns, routes)
+            ip_batch(node.netns, _pod_routes(node, built, overlay))
+            if overlay == "vxlan":  # where each remote VTEP's MAC is: the FDB (`bridge`)
+                run(["bridge", "-n", node.netns, "-batch", "-"], input="".join(
+                    f"fdb append {_vtep_mac(o)} dev {VXLAN_DEVICE} dst {o.ipv4}\n"
+                    for o in built if o is not node))
         return Topology(prefix, ul, "br0", tuple(built), pod_mtu, host_address)
     except BaseException:
         destroy(prefix)
         raise
+
+
+def _vtep_mac(node: SimNode) -> str:
+    return f"02:00:00:00:{node.index >> 8:02x}:{node.index & 0xff:02x}"
+
+
+def _pod_routes(node: SimNode, nodes: list[SimNode], overlay: str) -> list[str]:
+    """``ip -batch`` lines for one node's routes to the other nodes' pod CIDRs."""
+    others = [o for o in nodes if o is not node]
+    if overlay == "vxlan":
+        net4, net6 = node.pod_cidr4.split("/")[0], node.pod_cidr6.split("/")[0]
+        out = [f"link add {VXLAN_DEVICE} address {_vtep_mac(node)} type vxlan id 1 "
+               f"local {node.ipv4} dev eth0 dstport {VXLAN_PORT} nolearning",
+               f"link set {VXLAN_DEVICE} mtu {UNDERLAY_MTU - 50} up",
+               f"addr add {net4}/32 dev {VXLAN_DEVICE}",
+               f"addr add {net6}/128 dev {VXLAN_DEVICE} nodad"]
+        for o in others:
+            o4, o6 = o.pod_cidr4.split("/")[0], o.pod_cidr6.split("/")[0]
+            out += [f"neigh add {o4} lladdr {_vtep_mac(o)} dev {VXLAN_DEVICE} nud permanent",
+                    f"neigh add {o6} lladdr {_vtep_mac(o)} dev {VXLAN_DEVICE} nud permanent",
+                    f"route add {o.pod_cidr4} via {o4} dev {VXLAN_DEVICE} onlink",
+                    f"route add {o.pod_cidr6} via {o6} dev {VXLAN_DEVICE} onlink"]
+        return out
+    if overlay == "ipip":
+        out = [f"link set {IPIP_DEVICE} mtu {UNDERLAY_MTU - 20} up",
+               f"addr add {node.pod_cidr4.split('/')[0]}/32 dev {IPIP_DEVICE}"]
+        for o in others:
+            out += [f"route add {o.pod_cidr4} via {o.ipv4} dev {IPIP_DEVICE} onlink",
+                    f"route add {o.pod_cidr6} via {o.ipv6}"]
+        return out
+    return [line for o in others for line in (f"route add {o.pod_cidr4} via {o.ipv4}",
+                                              f"route add {o.pod_cidr6} via {o.ipv6}")]
 
 
 def add_node(topo: Topology, index: int) -> Topology:

@@ -48,7 +48,7 @@ from wgmanager.core.rotation import (
 )
 from wgmanager.core.scoped import DeviceModel, change_scope, restrict, scoped_entries
 from wgmanager.datapath import links
-from wgmanager.datapath.bpf import Hook, Program, attachments
+from wgmanager.datapath.bpf import Hook, Program, attachments, detach
 from wgmanager.datapath.maps import DeviceConfig, PinnedMaps
 from wgmanager.errors import ConfigError, DatapathError
 from wgmanager.keystore import KeyStore, slot_key
@@ -248,10 +248,20 @@ class NodeReconciler:
             if maps.read_config() != cfg:
                 maps.write_config(cfg)
 
-            # 3. Attach: the guard on the uplink, the fast path on every pod veth.
+            # 3. Attach: steering on the egress of the uplink and of every overlay tunnel
+            #    device (after netfilter); the opt-in fast path on matching pod veths; and
+            #    the fast path removed from veths it no longer applies to (an older agent's
+            #    default put it on every veth, bypassing the node's netfilter rules).
+            pattern = self.settings.datapath.pod_interfaces
             targets = [(uplink.ifname, Hook.TO_UNDERLAY)] + [
-                (name, Hook.FROM_POD)
-                for name in links.pod_interfaces(ipr, self.settings.datapath.pod_interfaces)]
+                (ln.ifname, tunnel_hook(ln.kind)) for ln in links.tunnel_interfaces(ipr)] + [
+                (name, Hook.FROM_POD) for name in links.pod_interfaces(ipr, pattern)]
+            for name in links.other_veths(ipr, pattern):
+                if any(a.hook is Hook.FROM_POD for a in attachments(ipr, name)) \
+                        and detach(ipr, name, Hook.FROM_POD):
+                    self._attached.discard((name, Hook.FROM_POD))
+                    log.info("datapath detached", extra={"ifname": name,
+                                                         "hook": Hook.FROM_POD.value})
             for name, hook in targets:
                 # Once per process we swap our freshly loaded program in (a restart); after
                 # that only where the kernel shows it missing (a veth recreated by the CNI).
@@ -261,10 +271,10 @@ class NodeReconciler:
                 try:
                     program.attach(ipr, name, hook)
                 except DatapathError as e:
-                    if hook is Hook.TO_UNDERLAY or links.get_link(ipr, name) is not None:
+                    if name == uplink.ifname or links.get_link(ipr, name) is not None:
                         raise
-                    # A pod veth deleted between listing and attaching: its pod is gone.
-                    log.info("pod interface vanished", extra={"ifname": name,
+                    # A veth or tunnel deleted between listing and attaching: it is gone.
+                    log.info("interface vanished", extra={"ifname": name,
                                                                "error": str(e)})
                     continue
                 self._attached.add((name, hook))
@@ -381,21 +391,25 @@ class NodeReconciler:
             self._map.pop(cidr, None)
 
     def _attach_new(self, names: Collection[str]) -> None:
-        """The fast path on pod veths that appeared since the last pass (no full pass)."""
+        """Steering on tunnel devices, and the fast path on pod veths, that appeared since
+        the last pass (no full pass)."""
         with links.iproute() as ipr:
             program = self.load_datapath()
             for name in names:
-                if any(a.hook is Hook.FROM_POD for a in attachments(ipr, name)):
+                link = links.get_link(ipr, name)
+                if link is None:
+                    continue  # gone again (a pod deleted at once)
+                hook = (tunnel_hook(link.kind) if link.kind != "veth" else Hook.FROM_POD)
+                if any(a.hook is hook for a in attachments(ipr, name)):
                     continue
                 try:
-                    program.attach(ipr, name, Hook.FROM_POD)
+                    program.attach(ipr, name, hook)
                 except DatapathError as e:
                     if links.get_link(ipr, name) is not None:
                         raise
-                    log.info("pod interface vanished", extra={"ifname": name,
-                                                               "error": str(e)})
+                    log.info("interface vanished", extra={"ifname": name, "error": str(e)})
                     continue
-                self._attached.add((name, Hook.FROM_POD))
+                self._attached.add((name, hook))
 
     def _say_rejected(self, mesh: Mesh, rejected: Mapping[str, Rejected]) -> None:
         """Logs each rejection once (every pass would repeat it: thousands at scale)."""
@@ -456,3 +470,8 @@ class NodeReconciler:
         if self._program is not None:
             self._program.close()
             self._program = None
+
+
+def tunnel_hook(kind: str) -> Hook:
+    """Where an overlay tunnel device gets the program: L3 tunnels have no Ethernet header."""
+    return Hook.TO_TUNNEL_L3 if kind in links.L3_TUNNEL_KINDS else Hook.TO_UNDERLAY

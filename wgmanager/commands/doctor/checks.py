@@ -300,5 +300,5 @@ def check_compile(skip: bool) -> Check:
                 pinned.unlink()
             tmp.rmdir()
     seconds = time.monotonic() - started
-    return Check("bpf-compile", "ok", f"compiled and loaded from_pod and to_underlay in "
-                 f"{seconds:.1f} s (bcc)")
+    return Check("bpf-compile", "ok", "compiled and loaded from_pod, to_underlay and "
+                 f"to_tunnel_l3 in {seconds:.1f} s (bcc)")

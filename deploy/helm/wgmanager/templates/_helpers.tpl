@@ -146,7 +146,9 @@ The chart's tests parse exactly this list with the agent's own argument parser.
 {{- with .Values.clusterPodCIDRs }}
 - {{ printf "--cluster-cidrs=%s" (join "," .) | quote }}
 {{- end }}
-- {{ printf "--pod-interfaces=%s" .Values.podInterfaces | quote }}
+{{- with .Values.podInterfaces }}
+- {{ printf "--pod-interfaces=%s" . | quote }}
+{{- end }}
 {{- with .Values.uplink }}
 - {{ printf "--uplink=%s" . | quote }}
 {{- end }}
