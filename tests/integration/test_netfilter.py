@@ -176,6 +176,36 @@ def test_the_host_reaches_remote_pods_through_the_tunnel(cluster: Cluster, famil
     cluster.assert_only_wireguard(f"host-to-pod-{family}", traffic)
 
 
+def test_an_older_agents_pods_get_the_hosts_traffic_as_before_and_pods_stay_encrypted(
+        cluster: Cluster) -> None:
+    """Mid-upgrade: node2's Node does not say it accepts packets from our node address (an
+    older agent, whose peer for us lacks our addresses and would drop them). node1 then
+    leaves its host's traffic to node2's pods as before the upgrade (in clear, the old
+    behaviour, rather than dropped: NodePort traffic masqueraded through an upgraded node
+    would stop for the length of a rollout) while pod-to-pod traffic stays encrypted; once
+    node2 says it accepts, the host's traffic goes through the tunnel again."""
+    node1, node2, _ = cluster.topo.nodes
+    dst = node2.pods[0].ipv4
+    cluster.write_mesh(overrides={node2.name: {"features": []}})
+    try:
+        cluster.apply(node1)
+        with cluster.capture("older-peer-host") as cap:
+            out = ping_output(node1.netns, dst)
+            assert " 0% packet loss" in out, out
+        assert cap.count(f"src host {node1.ipv4} and dst host {dst}") > 0
+        cluster.assert_only_wireguard("older-peer-pods", lambda: None if cluster.ping(
+            node1.pods[0], dst, count=3, interval=0.05)[1] == 3 else pytest.fail("pod ping"))
+    finally:
+        cluster.write_mesh()
+        cluster.apply(node1)
+
+    def traffic() -> None:
+        out = ping_output(node1.netns, dst)
+        assert " 0% packet loss" in out, out
+
+    cluster.assert_only_wireguard("newer-peer-host", traffic)
+
+
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
 def test_pods_reach_remote_node_addresses_through_the_tunnel(cluster: Cluster,
                                                               family: str) -> None:

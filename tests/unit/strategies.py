@@ -249,6 +249,9 @@ def clusters(draw: st.DrawFn, *, min_remote: int = 0, max_remote: int = 7) -> Cl
             # The local node's published key is ignored (the caller passes its own).
             public_key=None if local and draw(st.booleans()) else b64(raw),
             created=float(draw(st.integers(0, 1000))),
+            # Unsaid (a mesh file), an older agent (none), this version, or an unknown one.
+            features=draw(st.sampled_from((None, (), ("node-addresses",),
+                                           ("node-addresses", "future"), ("future",)))),
         ))
     # Cluster-wide CIDRs: usually around every pod CIDR, sometimes equal to or inside one
     # (which the datapath must not let shadow that node's own entry).

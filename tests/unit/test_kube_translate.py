@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
-from wgmanager.kube.translate import PUBLIC_KEY_ANNOTATION, annotations_patch, node_spec
+from wgmanager.core.mesh import entry_action, parse_node
+from wgmanager.core.model import Action, Node
+from wgmanager.kube.translate import (
+    FEATURES_ANNOTATION,
+    PUBLIC_KEY_ANNOTATION,
+    annotations_patch,
+    node_spec,
+)
 
 KEY = "FYGsCoJpjl9EmdUAT2a88iZxf1+wzs0Ke5bnrLtE2W0="
 
@@ -55,3 +63,24 @@ def test_malformed_objects_never_raise(obj: dict[str, Any]) -> None:
 def test_key_patch_touches_only_our_annotation() -> None:
     assert annotations_patch({PUBLIC_KEY_ANNOTATION: KEY}) == {
         "metadata": {"annotations": {PUBLIC_KEY_ANNOTATION: KEY}}}
+
+
+def test_features_decide_whether_our_host_traffic_is_steered_to_the_nodes_pods() -> None:
+    """A Node without the features annotation is an older agent's, which drops packets from
+    our node address: its pod CIDRs are steered for our pods only (NODE entries), so our
+    host's traffic to them leaves as it did before the upgrade, until it says it accepts."""
+    older = node_spec(node())
+    assert older.features == ()
+    newer = node_spec(node(metadata={
+        "name": "n1", "annotations": {PUBLIC_KEY_ANNOTATION: KEY,
+                                      FEATURES_ANNOTATION: "future, node-addresses"}}))
+    assert newer.features == ("future", "node-addresses")
+    old_node, new_node = parse_node(older), parse_node(newer)
+    assert isinstance(old_node, Node) and isinstance(new_node, Node)
+    assert not old_node.node_sources and new_node.node_sources
+    pods = old_node.pod_cidrs[0]
+    assert entry_action(old_node, pods, Action.REDIRECT) is Action.NODE_REDIRECT
+    assert entry_action(new_node, pods, Action.REDIRECT) is Action.REDIRECT
+    assert entry_action(new_node, new_node.hosts[0], Action.DROP) is Action.NODE_DROP
+    # A mesh file says nothing: one version everywhere.
+    assert parse_node(replace(older, features=None)).node_sources  # type: ignore[union-attr]

@@ -661,6 +661,8 @@ class TestDatapathMap:
             for c in n.pod_cidrs:
                 ready = n.public_key in dev_peers and c in dev_peers[n.public_key].allowed_ips
                 owned[c] = Action.REDIRECT if ready else Action.DROP
+                if not n.node_sources:  # an older agent's: only our pods' traffic is steered
+                    owned[c] = owned[c].for_node()
             for h in n.hosts:  # its own addresses: node entries (steer its pods' traffic)
                 ready = n.public_key in dev_peers and h in dev_peers[n.public_key].allowed_ips
                 owned[h] = Action.NODE_REDIRECT if ready else Action.NODE_DROP

@@ -45,7 +45,7 @@ from wgmanager.agent.rotation import KeyRotator, Outcome
 from wgmanager.core.keywatch import KeyWatch, observe_changed, quarantined
 from wgmanager.core.keywatch import observe as observe_keys
 from wgmanager.core.mesh import LocalNodeError
-from wgmanager.core.model import NodeSpec
+from wgmanager.core.model import NODE_ADDRESSES_FEATURE, NodeSpec
 from wgmanager.datapath import links
 from wgmanager.datapath.linkwatch import watch_new_links
 from wgmanager.errors import WgmError
@@ -53,6 +53,7 @@ from wgmanager.keystore import slot_key
 from wgmanager.kube.client import Backoff, NodesAPI
 from wgmanager.kube.events import EventRecorder
 from wgmanager.kube.translate import (
+    FEATURES_ANNOTATION,
     NEXT_KEY_ANNOTATION,
     NEXT_PORT_ANNOTATION,
     PORT_ANNOTATION,
@@ -66,6 +67,8 @@ from wgmanager.reconciler import NodeReconciler, ReconcileResult
 log = logging.getLogger(__name__)
 
 
+# The features annotation this agent publishes (core.model.NODE_ADDRESSES_FEATURE).
+FEATURES = NODE_ADDRESSES_FEATURE
 LIVENESS_TIMEOUT = 120.0  # seconds without a main-loop tick before /healthz fails
 ROTATION_DUTY = 0.25  # share of a core the rotation's polling passes may take
 
@@ -399,12 +402,15 @@ class Agent:
     def _annotation_changes(self, me: NodeSpec | None) -> dict[str, str | None]:
         """The annotations of ours that our Node does not carry yet (all of them if the
         Node is not in the list)."""
-        want = self.rotator.annotations()
+        # What this agent supports goes out with its first key, so that no peer ever sees
+        # this node with a key but without it.
+        want = {**self.rotator.annotations(), FEATURES_ANNOTATION: FEATURES}
         if me is None:
             return want
         have = {PUBLIC_KEY_ANNOTATION: me.public_key, PORT_ANNOTATION: me.port,
                 NEXT_KEY_ANNOTATION: me.next_public_key, NEXT_PORT_ANNOTATION: me.next_port,
-                ROTATION_STATUS_ANNOTATION: me.rotation_status}
+                ROTATION_STATUS_ANNOTATION: me.rotation_status,
+                FEATURES_ANNOTATION: ",".join(me.features) if me.features else None}
         for k, v in want.items():
             if have.get(k) == v:
                 self._remember(k, v)  # ours (also what a previous agent process wrote)

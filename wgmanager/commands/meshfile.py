@@ -81,6 +81,9 @@ def parse(data: Any, *, source: str = "mesh") -> MeshFile:
                                                   source)),
             public_key=raw.get("publicKey") if isinstance(raw.get("publicKey"), str) else None,
             created=float(created),
+            # Absent: every node runs this version. A list: what that node's agent supports.
+            features=(tuple(str(f) for f in raw["features"])
+                      if isinstance(raw.get("features"), list) else None),
         ))
     return MeshFile(MeshConfig(listen_port=port, persistent_keepalive=keepalive,
                                cluster_cidrs=tuple(cluster)), tuple(nodes))

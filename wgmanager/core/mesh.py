@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from wgmanager.core.keys import InvalidKey, PublicKey
 from wgmanager.core.model import (
+    NODE_ADDRESSES_FEATURE,
     Action,
     DeviceState,
     Endpoint,
@@ -93,6 +94,7 @@ def parse_node(spec: NodeSpec) -> Node | Rejected:
     except ValueError:
         return Rejected(spec.name, f"endpoint port annotation {spec.port!r} is not a port "
                         "number (1-65535)", tuple(cidrs))
+    sources = spec.features is None or NODE_ADDRESSES_FEATURE in spec.features
     nxt = _next_key(spec)
     if nxt is not None:
         # The node rotates: it already listens with the next key on the next port and keeps
@@ -100,8 +102,8 @@ def parse_node(spec: NodeSpec) -> Node | Rejected:
         # always safe. A malformed next key is ignored: the current one keeps working and
         # the rotating node rolls back when we never confirm.
         return Node(spec.name, tuple(addresses), tuple(cidrs), nxt[0], nxt[1], rotating=True,
-                    previous_key=key, previous_port=port)
-    return Node(spec.name, tuple(addresses), tuple(cidrs), key, port)
+                    previous_key=key, previous_port=port, node_sources=sources)
+    return Node(spec.name, tuple(addresses), tuple(cidrs), key, port, node_sources=sources)
 
 
 def _port(text: str | None) -> int | None:
@@ -297,6 +299,16 @@ class CidrClaims:
         return None
 
 
+def entry_action(node: Node, cidr: IPNetwork, action: Action) -> Action:
+    """The map entry for one of ``node``'s ranges. A node's own address steers only our
+    pods' traffic (Action.NODE_*). So do its pod CIDRs when its agent does not accept our
+    node address as a source (``Node.node_sources``: an older agent, mid-upgrade): our
+    host's packets to them would be dropped there, so they leave as before the upgrade."""
+    if cidr in node.pod_cidrs and node.node_sources:
+        return action
+    return action.for_node()
+
+
 def conflict(node: Node, key_owner: Mapping[PublicKey, str], claims: CidrClaims,
              addr_owner: Mapping[IPAddress, str]) -> str | None:
     """Why ``node`` cannot have a peer next to the nodes already accepted, or None.
@@ -413,8 +425,7 @@ def datapath_map(mesh: Mesh, device: DeviceState, config: MeshConfig, *,
                 action = Action.DROP
             else:
                 continue
-            # A node's own address steers only its pods' traffic (see Action.NODE_*).
-            entries[cidr] = action if cidr in node.pod_cidrs else action.for_node()
+            entries[cidr] = entry_action(node, cidr, action)
     for cidr in mesh.contested:  # fail closed even with fail_closed off: a leak, not a gap
         entries[cidr] = Action.DROP
     if not config.fail_closed:

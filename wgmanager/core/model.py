@@ -49,6 +49,9 @@ class NodeSpec:
     # rotation status the agent last published.
     rotation_request: str | None = None
     rotation_status: str | None = None
+    # What the node's agent says it supports (the features annotation); None when the
+    # source does not say (a mesh file: one version everywhere), which means everything.
+    features: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +68,11 @@ class Node:
     # device, which a rotating peer's old device keeps using (wgmanager.core.rotation).
     previous_key: PublicKey | None = None
     previous_port: int | None = None
+    # Whether the node's agent accepts, from our peer, packets sent from our node address
+    # (it puts peers' node addresses into their allowed IPs: NODE_ADDRESSES_FEATURE). An
+    # older agent does not; its pod CIDRs are then steered only for our pods' packets, and
+    # our host's own traffic to them leaves as it did before (during a rolling upgrade).
+    node_sources: bool = True
 
     @property
     def hosts(self) -> tuple[IPNetwork, ...]:
@@ -176,6 +184,10 @@ class Action(enum.IntEnum):
 
 
 NODE_FLAG = 0x10
+
+# Published by agents that accept packets from peers' node addresses (the
+# ``wgmanager.io/features`` annotation): see ``Node.node_sources``.
+NODE_ADDRESSES_FEATURE = "node-addresses"
 
 
 @dataclass(frozen=True, slots=True)

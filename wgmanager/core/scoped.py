@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import replace
 
 from wgmanager.core.keys import PublicKey
-from wgmanager.core.mesh import CidrClaims, Mesh, held_key
+from wgmanager.core.mesh import CidrClaims, Mesh, entry_action, held_key
 from wgmanager.core.meshindex import MeshChange
 from wgmanager.core.model import (
     Action,
@@ -133,7 +133,7 @@ def scoped_entries(mesh: Mesh, names: Iterable[str], device: DeviceModel, config
                     action = Action.DROP
                 else:
                     continue
-                entries[cidr] = action if cidr in node.pod_cidrs else action.for_node()
+                entries[cidr] = entry_action(node, cidr, action)
         rej = mesh.rejected.get(name)
         if rej is not None and config.fail_closed:
             for cidr in rej.pod_cidrs:

@@ -21,6 +21,9 @@ NEXT_PORT_ANNOTATION = ANNOTATION_PREFIX + "next-endpoint-port"
 # Set by `wgmanager rotate-keys` (a fresh request id); the agent answers in the status one.
 ROTATE_REQUEST_ANNOTATION = ANNOTATION_PREFIX + "rotate-key-request"
 ROTATION_STATUS_ANNOTATION = ANNOTATION_PREFIX + "key-rotation"
+# What the node's agent supports, comma-separated (core.model.NODE_ADDRESSES_FEATURE). A
+# Node without it is an older agent's: it supports none of them.
+FEATURES_ANNOTATION = ANNOTATION_PREFIX + "features"
 
 
 def node_spec(obj: dict[str, Any]) -> NodeSpec:
@@ -45,6 +48,8 @@ def node_spec(obj: dict[str, Any]) -> NodeSpec:
         next_port=_text(annotations, NEXT_PORT_ANNOTATION),
         rotation_request=_text(annotations, ROTATE_REQUEST_ANNOTATION),
         rotation_status=_text(annotations, ROTATION_STATUS_ANNOTATION),
+        features=tuple(f.strip() for f in (_text(annotations, FEATURES_ANNOTATION) or "")
+                       .split(",") if f.strip()),
     )
 
 
