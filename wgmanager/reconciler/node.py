@@ -17,7 +17,6 @@ from wgmanager.core.mesh import Mesh, datapath_map, old_device_peers
 from wgmanager.core.meshindex import MeshChange, MeshIndex
 from wgmanager.core.model import (
     Action,
-    DeviceState,
     Endpoint,
     IPNetwork,
     MeshConfig,
@@ -169,7 +168,8 @@ class NodeReconciler:
             self._program = Program(pin_dir=dp.pin_dir, max_cidrs=dp.max_cidrs)
         return self._program
 
-    def reconcile(self, specs: Iterable[NodeSpec], rotation: RotationState | None = None,
+    def reconcile(self, specs: Mapping[str, NodeSpec] | Iterable[NodeSpec],
+                  rotation: RotationState | None = None,
                   quarantined: frozenset[str] = frozenset(), *,
                   changed: Collection[str] | None = None,
                   new_links: Collection[str] = ()) -> ReconcileResult:
@@ -181,26 +181,34 @@ class NodeReconciler:
         the kept device model and map: work proportional to the change. Otherwise (None:
         a periodic resync, a relist, after an error, a recreated device, a rotation) every
         step reads the live state in full, as ``reconcile`` always did.
+
+        ``specs`` by name (the agent's node cache gives them so) is used as is: indexing a
+        list of every node costs a Python loop over them, O(N) work on every event.
         """
         started = time.monotonic()
-        by_name = {s.name: s for s in specs}
+        by_name = (specs if isinstance(specs, Mapping)
+                   else {s.name: s for s in specs})
         if rotation is not None:
             self._rotation = rotation
+        updated = False
         try:
             if (changed is not None and self._rotation.rotation is None
                     and self._model is not None and self._map is not None):
                 change = self._index.update(by_name, changed,
                                             local_key=self.private_key.public_key,
                                             quarantined=quarantined)
+                updated = True
                 if change is not None:
                     return self._incremental(change, new_links, started)
             return self._full(by_name, quarantined, started)
         except BaseException:
             self._model = self._map = None  # the next pass reads everything again
+            if updated:  # the kept mesh was changed in place for this pass
+                self._index.rollback()
             self._index.mesh = self._previous
             raise
 
-    def _full(self, by_name: dict[str, NodeSpec], quarantined: frozenset[str],
+    def _full(self, by_name: Mapping[str, NodeSpec], quarantined: frozenset[str],
               started: float) -> ReconcileResult:
         self._model = self._map = None
         rot = self._rotation
@@ -289,7 +297,8 @@ class NodeReconciler:
                                        routes=routes(rot, remote, done))
             map_plan = plan_map(desired_map, in_kernel)
             maps.apply(map_plan)
-        self._say_rejected(mesh, mesh.rejected)
+        self._say_rejected(mesh.rejected,
+                           self._previous.rejected if self._previous is not None else {})
         self._previous = mesh
         if rot.rotation is None:
             self._model, self._map = DeviceModel(device), desired_map
@@ -337,12 +346,14 @@ class NodeReconciler:
             map_plan = plan_map(scoped_entries(mesh, change.names, model, cfg, claims=claims),
                                 restrict(self._map, scope))
             self._write_map(maps, map_plan)
-        self._say_rejected(mesh, {n: r for n in change.names
-                                  if (r := mesh.rejected.get(n)) is not None})
+        # Said before: what these nodes were rejected for in the previous mesh (the kept
+        # mesh was updated in place, so it no longer shows that).
+        self._say_rejected({n: r for n in change.names
+                            if (r := mesh.rejected.get(n)) is not None}, change.old_rejected)
         self._previous = mesh
-        device = DeviceState(model.header.name, model.header.public_key,
-                             model.header.listen_port, model.header.fwmark, dict(model.peers))
-        result = ReconcileResult(mesh, tuple(ops), map_plan, device,
+        # The model's own peer dict, not a copy of every peer (O(N) per event): a result
+        # shows the device as of its pass only until the next one.
+        result = ReconcileResult(mesh, tuple(ops), map_plan, model.state,
                                  seconds=time.monotonic() - started,
                                  kind=CHANGES if change.names or new_links else TIMERS)
         log.info("reconciled", extra={"peers": len(model.peers), "peer_ops": len(ops),
@@ -397,9 +408,10 @@ class NodeReconciler:
                     continue
                 self._attached.add((name, Hook.FROM_POD))
 
-    def _say_rejected(self, mesh: Mesh, rejected: Mapping[str, Rejected]) -> None:
-        """Logs each rejection once (every pass would repeat it: thousands at scale)."""
-        said = self._previous.rejected if self._previous is not None else {}
+    @staticmethod
+    def _say_rejected(rejected: Mapping[str, Rejected], said: Mapping[str, Rejected]) -> None:
+        """Logs each rejection once (every pass would repeat it: thousands at scale);
+        ``said``: the rejections of the previous mesh."""
         for rej in rejected.values():
             old = said.get(rej.name)
             if old is not None and old.reason == rej.reason:
