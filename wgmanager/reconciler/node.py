@@ -63,6 +63,15 @@ from wgmanager.wireguard.backend import DeviceSettings, WireGuardBackend
 
 log = logging.getLogger(__name__)
 
+# A pass names its changed nodes in its log line when they are this few (an operator, or
+# bench/control_plane.py, can tell which pass applied a node's change; a line stays short).
+NAMED_NODES = 8
+
+
+def _named(names: Collection[str]) -> dict[str, str]:
+    """The ``nodes`` field of an incremental pass's log line (empty: too many to list)."""
+    return {"nodes": ",".join(sorted(names))} if 0 < len(names) <= NAMED_NODES else {}
+
 
 class NodeReconciler:
     """Applies the mesh to this node's device(s) and datapath.
@@ -360,6 +369,7 @@ class NodeReconciler:
                                       "map_upserts": len(map_plan.upserts),
                                       "map_deletes": len(map_plan.deletes),
                                       "changed_nodes": len(change.names), "full": False,
+                                      **_named(change.names),
                                       "ms": round(1000 * result.seconds, 1),
                                       # of which waiting on the WireGuard device
                                       "device_ms": round(1000 * device_s, 1)})
