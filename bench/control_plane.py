@@ -58,7 +58,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -203,6 +203,10 @@ class Phase:
     background_rate: float = 0.0
     poll_ms: float = 0.0
     log_misses: int = 0  # log lines of candidate passes the device did not confirm
+    # Per change, the agent's log line of the pass that applied it: its duration and the
+    # part of it spent waiting on the WireGuard device (``device_ms``; 0 for a full pass).
+    pass_ms: list[float] = field(default_factory=list)
+    pass_device_ms: list[float] = field(default_factory=list)
 
 
 class AgentLog:
@@ -442,6 +446,8 @@ class Bench:
         per_change: list[dict[str, float]] = []
         polls: list[float] = []
         misses = 0
+        pass_ms: list[float] = []
+        pass_device_ms: list[float] = []
         agent_log = AgentLog(self.lab.agent_log_file(self.node))
         try:
             before = self.scrape_ops()
@@ -458,6 +464,8 @@ class Bench:
                         polls.append(poll.last_duration)
                         if held:
                             done = float(doc["ts"])
+                            pass_ms.append(float(doc.get("ms", 0.0)))
+                            pass_device_ms.append(float(doc.get("device_ms", 0.0)))
                             break
                         misses += 1
                     else:
@@ -485,7 +493,8 @@ class Bench:
                      benchlib.proc_cpu_seconds(pid) - cpu0, time.monotonic() - t_start,
                      patched[0] - failed[0],
                      (patched[0] - failed[0]) / max(1e-9, span[1] - span[0]),
-                     1000 * benchlib.median(polls) if polls else 0.0, misses)
+                     1000 * benchlib.median(polls) if polls else 0.0, misses,
+                     pass_ms, pass_device_ms)
 
 
 def measure(sizes: list[int], changes: dict[int, int], rate: float,
@@ -581,6 +590,17 @@ def size_values(n: int, r: dict[str, Any]) -> dict[str, tuple[float, str, str]]:
                     1000 * t[f"{kind}_s"] / t[f"{kind}_n"], "ms",
                     f"the agent's reconcile duration, {what}, mean of {t[f'{kind}_n']:.0f}, "
                     f"{cond}")
+        own = [a - b for a, b in zip(ph.get("pass_ms", []), ph.get("pass_device_ms", []),
+                                     strict=True)]
+        if own:
+            v[f"key_change_pass_{phase}.median"] = (
+                benchlib.median(ph["pass_ms"]), "ms",
+                f"the agent's pass that applied a key change (its own log line: `ms`), "
+                f"median of {len(own)}, {cond}")
+            v[f"key_change_pass_own_{phase}.median"] = (
+                benchlib.median(own), "ms",
+                f"the same pass minus its wait on the WireGuard device (`ms` - "
+                f"`device_ms`): the agent's own work, median of {len(own)}, {cond}")
         v[f"agent_cpu_{phase}"] = (ph["agent_cpu_s"] / ph["seconds"], "cores",
                                    f"agent CPU per second of the {phase} phase")
     per = _per_change(r["idle"])
