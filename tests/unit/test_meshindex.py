@@ -14,6 +14,7 @@ mesh's peers, the map exactly ``datapath_map``.
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import replace
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -96,19 +97,31 @@ def _expected(current: dict[str, NodeSpec], previous: Mesh | None,
                         config=CONFIG, previous=previous, quarantined=quarantined)
 
 
+def _frozen(mesh: Mesh | None) -> Mesh | None:
+    """A copy of a mesh ``MeshIndex`` keeps (it changes the original in place)."""
+    if mesh is None:
+        return None
+    return replace(mesh, nodes=dict(mesh.nodes), peers=dict(mesh.peers),
+                   rejected=dict(mesh.rejected))
+
+
 @PROPERTY
 @given(st.lists(specs, max_size=6), st.lists(st.lists(events, min_size=1, max_size=3),
-                                             max_size=12))
+                                             max_size=12),
+       st.lists(st.booleans(), max_size=12))
 def test_after_any_events_the_incremental_mesh_equals_a_full_computation(
-        initial: list[NodeSpec], batches: list[list[tuple[str, object]]]) -> None:
+        initial: list[NodeSpec], batches: list[list[tuple[str, object]]],
+        failures: list[bool]) -> None:
+    """``failures[i]``: batch i's pass fails after ``update`` (the device refused a write):
+    ``rollback`` must restore the previous mesh exactly, and the next pass is full."""
     current = {"local": LOCAL, **{s.name: s for s in initial}}
     quarantined: frozenset[str] = frozenset()
     index = MeshIndex(local_name="local", config=CONFIG)
     assert index.full(current, local_key=LOCAL_KEY) == _expected(current, None, quarantined)
     assert index.mesh is not None
     kept = Kept(index.mesh, CONFIG)
-    for batch in batches:  # the events one debounced pass sees together
-        previous = index.mesh
+    for i, batch in enumerate(batches):  # the events one debounced pass sees together
+        previous = _frozen(index.mesh)
         changed: set[str] = set()
         for kind, arg in batch:
             if kind == "upsert":
@@ -123,6 +136,10 @@ def test_after_any_events_the_incremental_mesh_equals_a_full_computation(
                 assert isinstance(arg, frozenset)
                 quarantined = arg
         change = index.update(current, changed, local_key=LOCAL_KEY, quarantined=quarantined)
+        if i < len(failures) and failures[i]:
+            index.rollback()
+            assert index.mesh == previous
+            change = None  # the reconciler's next pass is full
         got = (change.mesh if change is not None
                else index.full(current, local_key=LOCAL_KEY, quarantined=quarantined))
         assert got == _expected(current, previous, quarantined)

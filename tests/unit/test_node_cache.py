@@ -26,3 +26,23 @@ def test_heartbeats_and_unknown_deletions_change_nothing() -> None:
     assert cache.apply(Upserted(NodeSpec("a", ("10.0.0.9",), ("10.244.1.0/24",), "key-a")))
     assert cache.apply(Deleted("a"))
     assert cache.snapshot() == (True, [])
+
+
+def test_take_gives_the_nodes_by_name_and_the_changed_names_once() -> None:
+    cache = NodeCache()
+    cache.apply(Synced((A,), "1"))
+    assert cache.take() == ({"a": A}, None)  # after a (re)list: a full pass
+    cache.apply(Upserted(B))
+    nodes, changed = cache.take()
+    assert nodes == {"a": A, "b": B} and changed == {"b"}
+    cache.apply(Deleted("a"))
+    assert cache.take() == ({"b": B}, {"a"})
+    assert cache.take() == ({"b": B}, set())
+
+
+def test_get_looks_at_one_node_without_copying_the_others() -> None:
+    cache = NodeCache()
+    assert cache.get("a") == (False, None)
+    cache.apply(Synced((A, B), "1"))
+    assert cache.get("b") == (True, B)
+    assert cache.get("c") == (True, None)

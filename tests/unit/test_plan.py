@@ -440,7 +440,9 @@ class TestLocality:
         entries = datapath_map(mesh, dev, cluster.config)
         for n in mesh.nodes.values():
             for c in n.pod_cidrs:
-                assert entries[c] is Action.REDIRECT
+                # An older agent's pod CIDRs steer our pods' packets only (Node.node_sources).
+                assert entries[c] is (Action.REDIRECT if n.node_sources
+                                      else Action.NODE_REDIRECT)
 
 
 # ---------------------------------------------------------------------------------------------

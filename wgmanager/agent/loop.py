@@ -216,10 +216,9 @@ class Agent:
                     self._stop.wait(coalesce_delay(time.monotonic(), self._last_pass_end,
                                                    self.timing.debounce))
                     self._dirty.clear()
-                synced, nodes = self.snapshot()
+                synced, me = self.cache.get(self.node_name)
                 if not synced:
                     continue
-                me = next((n for n in nodes if n.name == self.node_name), None)
                 now = time.monotonic()
                 if now >= next_publish:
                     changes = self._annotation_changes(me)
@@ -364,18 +363,18 @@ class Agent:
         except Exception:  # any failure to look means "reconcile"
             return False
 
-    def _watch_keys(self, nodes: list[NodeSpec], changed: set[str] | None) -> frozenset[str]:
+    def _watch_keys(self, nodes: dict[str, NodeSpec],
+                    changed: set[str] | None) -> frozenset[str]:
         """Warns about other nodes' keys replaced outside the rotation protocol; returns the
         nodes quarantined for it (wgmanager.core.keywatch). Looks at the ``changed`` nodes
         only when given (the others' keys are as observed before)."""
         now = time.monotonic()
         if changed is None:
-            self.keywatch, jumped = observe_keys(self.keywatch, nodes, local=self.node_name,
-                                                 now=now)
+            self.keywatch, jumped = observe_keys(self.keywatch, nodes.values(),
+                                                 local=self.node_name, now=now)
         else:
-            specs = {n.name: n for n in nodes}
             self.keywatch, jumped = observe_changed(
-                self.keywatch, {name: specs.get(name) for name in changed},
+                self.keywatch, {name: nodes.get(name) for name in changed},
                 local=self.node_name, now=now)
         for name in jumped:
             log.warning("a node's WireGuard key was replaced outside the rotation protocol",

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -154,6 +154,12 @@ class _LiveCollector(Collector):
 
     def _device(self, now: float) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         mesh = self.src.mesh()
+        if mesh is not None:
+            # The reconciler changes the kept mesh's dicts in place on the main thread
+            # (wgmanager.core.meshindex); a scrape iterates its own copies. Each dict()
+            # of a dict is one C call, atomic under the GIL.
+            mesh = replace(mesh, nodes=dict(mesh.nodes), peers=dict(mesh.peers),
+                           rejected=dict(mesh.rejected))
         device = self._read_device()
         device_up = GaugeMetricFamily("wgmanager_device_up", "1 while the WireGuard device "
                                       "answers")

@@ -17,7 +17,6 @@ from wgmanager.core.mesh import Mesh, datapath_map, old_device_peers
 from wgmanager.core.meshindex import MeshChange, MeshIndex
 from wgmanager.core.model import (
     Action,
-    DeviceState,
     Endpoint,
     IPNetwork,
     MeshConfig,
@@ -63,6 +62,15 @@ from wgmanager.reconciler.result import CHANGES, TIMERS, ReconcileResult
 from wgmanager.wireguard.backend import DeviceSettings, WireGuardBackend
 
 log = logging.getLogger(__name__)
+
+# A pass names its changed nodes in its log line when they are this few (an operator, or
+# bench/control_plane.py, can tell which pass applied a node's change; a line stays short).
+NAMED_NODES = 8
+
+
+def _named(names: Collection[str]) -> dict[str, str]:
+    """The ``nodes`` field of an incremental pass's log line (empty: too many to list)."""
+    return {"nodes": ",".join(sorted(names))} if 0 < len(names) <= NAMED_NODES else {}
 
 
 class NodeReconciler:
@@ -169,7 +177,8 @@ class NodeReconciler:
             self._program = Program(pin_dir=dp.pin_dir, max_cidrs=dp.max_cidrs)
         return self._program
 
-    def reconcile(self, specs: Iterable[NodeSpec], rotation: RotationState | None = None,
+    def reconcile(self, specs: Mapping[str, NodeSpec] | Iterable[NodeSpec],
+                  rotation: RotationState | None = None,
                   quarantined: frozenset[str] = frozenset(), *,
                   changed: Collection[str] | None = None,
                   new_links: Collection[str] = ()) -> ReconcileResult:
@@ -181,26 +190,34 @@ class NodeReconciler:
         the kept device model and map: work proportional to the change. Otherwise (None:
         a periodic resync, a relist, after an error, a recreated device, a rotation) every
         step reads the live state in full, as ``reconcile`` always did.
+
+        ``specs`` by name (the agent's node cache gives them so) is used as is: indexing a
+        list of every node costs a Python loop over them, O(N) work on every event.
         """
         started = time.monotonic()
-        by_name = {s.name: s for s in specs}
+        by_name = (specs if isinstance(specs, Mapping)
+                   else {s.name: s for s in specs})
         if rotation is not None:
             self._rotation = rotation
+        updated = False
         try:
             if (changed is not None and self._rotation.rotation is None
                     and self._model is not None and self._map is not None):
                 change = self._index.update(by_name, changed,
                                             local_key=self.private_key.public_key,
                                             quarantined=quarantined)
+                updated = True
                 if change is not None:
                     return self._incremental(change, new_links, started)
             return self._full(by_name, quarantined, started)
         except BaseException:
             self._model = self._map = None  # the next pass reads everything again
+            if updated:  # the kept mesh was changed in place for this pass
+                self._index.rollback()
             self._index.mesh = self._previous
             raise
 
-    def _full(self, by_name: dict[str, NodeSpec], quarantined: frozenset[str],
+    def _full(self, by_name: Mapping[str, NodeSpec], quarantined: frozenset[str],
               started: float) -> ReconcileResult:
         self._model = self._map = None
         rot = self._rotation
@@ -299,7 +316,8 @@ class NodeReconciler:
                                        routes=routes(rot, remote, done))
             map_plan = plan_map(desired_map, in_kernel)
             maps.apply(map_plan)
-        self._say_rejected(mesh, mesh.rejected)
+        self._say_rejected(mesh.rejected,
+                           self._previous.rejected if self._previous is not None else {})
         self._previous = mesh
         if rot.rotation is None:
             self._model, self._map = DeviceModel(device), desired_map
@@ -347,18 +365,21 @@ class NodeReconciler:
             map_plan = plan_map(scoped_entries(mesh, change.names, model, cfg, claims=claims),
                                 restrict(self._map, scope))
             self._write_map(maps, map_plan)
-        self._say_rejected(mesh, {n: r for n in change.names
-                                  if (r := mesh.rejected.get(n)) is not None})
+        # Said before: what these nodes were rejected for in the previous mesh (the kept
+        # mesh was updated in place, so it no longer shows that).
+        self._say_rejected({n: r for n in change.names
+                            if (r := mesh.rejected.get(n)) is not None}, change.old_rejected)
         self._previous = mesh
-        device = DeviceState(model.header.name, model.header.public_key,
-                             model.header.listen_port, model.header.fwmark, dict(model.peers))
-        result = ReconcileResult(mesh, tuple(ops), map_plan, device,
+        # The model's own peer dict, not a copy of every peer (O(N) per event): a result
+        # shows the device as of its pass only until the next one.
+        result = ReconcileResult(mesh, tuple(ops), map_plan, model.state,
                                  seconds=time.monotonic() - started,
                                  kind=CHANGES if change.names or new_links else TIMERS)
         log.info("reconciled", extra={"peers": len(model.peers), "peer_ops": len(ops),
                                       "map_upserts": len(map_plan.upserts),
                                       "map_deletes": len(map_plan.deletes),
                                       "changed_nodes": len(change.names), "full": False,
+                                      **_named(change.names),
                                       "ms": round(1000 * result.seconds, 1),
                                       # of which waiting on the WireGuard device
                                       "device_ms": round(1000 * device_s, 1)})
@@ -411,9 +432,10 @@ class NodeReconciler:
                     continue
                 self._attached.add((name, hook))
 
-    def _say_rejected(self, mesh: Mesh, rejected: Mapping[str, Rejected]) -> None:
-        """Logs each rejection once (every pass would repeat it: thousands at scale)."""
-        said = self._previous.rejected if self._previous is not None else {}
+    @staticmethod
+    def _say_rejected(rejected: Mapping[str, Rejected], said: Mapping[str, Rejected]) -> None:
+        """Logs each rejection once (every pass would repeat it: thousands at scale);
+        ``said``: the rejections of the previous mesh."""
         for rej in rejected.values():
             old = said.get(rej.name)
             if old is not None and old.reason == rej.reason:
