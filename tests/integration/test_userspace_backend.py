@@ -849,10 +849,11 @@ def test_a_first_handshake_lost_to_a_peer_not_yet_knowing_us_is_started_again(
     assert time.monotonic() - started < 4.0
 
 
-def test_a_handshake_kick_in_the_request_that_adds_the_peer_starts_one(lab: Lab) -> None:
-    """The reconciler sends a new peer and its first-handshake kick in one request: the
-    keepalive still goes out as that peer's section is applied, and the peer is left
-    without a persistent keepalive."""
+def kicked_pair(lab: Lab) -> tuple[UserspaceBackend, UserspaceBackend, PrivateKey,
+                                   PrivateKey, float]:
+    """Two devices, b already holding a's peer; a adds b's peer and its first-handshake
+    kick in one request, as the reconciler does. Returns a, b, their keys and the
+    monotonic time of that request."""
     a, b = lab.device(), lab.device()
     ka, kb = PrivateKey.generate(), PrivateKey.generate()
     pa, pb = lab.port(), lab.port()
@@ -861,9 +862,17 @@ def test_a_handshake_kick_in_the_request_that_adds_the_peer_starts_one(lab: Lab)
     for dev in (a, b):
         lab.ip("link", "set", dev.ifname, "up")
     b.apply([AddPeer(PeerConfig(ka.public_key, Endpoint(LOOPBACK, pa), nets("10.98.1.0/24")))])
-    started = time.monotonic()
+    kicked_at = time.monotonic()
     a.apply([AddPeer(PeerConfig(kb.public_key, Endpoint(LOOPBACK, pb), nets("10.98.2.0/24"))),
              *handshake_kicks([kb.public_key])])
+    return a, b, ka, kb, kicked_at
+
+
+def test_a_handshake_kick_in_the_request_that_adds_the_peer_starts_one(lab: Lab) -> None:
+    """The reconciler sends a new peer and its first-handshake kick in one request: the
+    keepalive still goes out as that peer's section is applied, and the peer is left
+    without a persistent keepalive."""
+    a, _, _, kb, started = kicked_pair(lab)
     wait_for(lambda: a.read().peers[kb.public_key].last_handshake is not None, 3.0,
              "a session started by the kick")
     assert time.monotonic() - started < 1.0  # not WireGuard's own 5 s retry
@@ -874,16 +883,7 @@ def test_a_kick_on_a_confirmed_session_starts_no_new_handshake(lab: Lab) -> None
     """The follower's check is a kick whatever the session's state (reading handshake
     times would dump every peer): where the leader's handshake already arrived, the kick
     is a keepalive on that session, not a new handshake (no second session, no crossing)."""
-    a, b = lab.device(), lab.device()
-    ka, kb = PrivateKey.generate(), PrivateKey.generate()
-    pa, pb = lab.port(), lab.port()
-    a.configure(DeviceSettings(ka, pa))
-    b.configure(DeviceSettings(kb, pb))
-    for dev in (a, b):
-        lab.ip("link", "set", dev.ifname, "up")
-    b.apply([AddPeer(PeerConfig(ka.public_key, Endpoint(LOOPBACK, pa), nets("10.98.1.0/24")))])
-    a.apply([AddPeer(PeerConfig(kb.public_key, Endpoint(LOOPBACK, pb), nets("10.98.2.0/24"))),
-             *handshake_kicks([kb.public_key])])
+    a, b, ka, kb, _ = kicked_pair(lab)
     wait_for(lambda: all(d.read().peers[k].last_handshake is not None
                          for d, k in ((a, kb.public_key), (b, ka.public_key))), 3.0,
              "a session on both sides")
