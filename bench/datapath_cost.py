@@ -120,22 +120,7 @@ SENDER = textwrap.dedent("""
     import ctypes, json, socket, sys, time
     control, target = sys.argv[1], sys.argv[2]
     pairs, budget = int(sys.argv[3]), float(sys.argv[4])
-    class iovec(ctypes.Structure):
-        _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
-    class msghdr(ctypes.Structure):
-        _fields_ = [("name", ctypes.c_void_p), ("namelen", ctypes.c_uint32),
-                    ("iov", ctypes.POINTER(iovec)), ("iovlen", ctypes.c_size_t),
-                    ("control", ctypes.c_void_p), ("controllen", ctypes.c_size_t),
-                    ("flags", ctypes.c_int)]
-    class mmsghdr(ctypes.Structure):
-        _fields_ = [("hdr", msghdr), ("len", ctypes.c_uint)]
-    libc = ctypes.CDLL(None, use_errno=True)
-    payload = ctypes.create_string_buffer(b"x" * 32, 32)
-    iov = iovec(ctypes.addressof(payload), 32)
-    VLEN = 64
-    msgs = (mmsghdr * VLEN)()
-    for m in msgs:
-        m.hdr.iov, m.hdr.iovlen = ctypes.pointer(iov), 1
+""") + benchlib.SENDMMSG + textwrap.dedent("""\
     def batch(dst, k):  # CPU ns per packet of this thread (the OUTPUT hook runs here)
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         s.connect((dst, 9))
