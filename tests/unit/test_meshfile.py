@@ -202,3 +202,11 @@ def test_load_not_utf8(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as exc:
         meshfile.load(path)
     assert str(path) in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_features_unsaid_means_every_feature_and_a_list_is_what_the_node_supports() -> None:
+    nodes = meshfile.parse({"nodes": [{"name": "a"}, {"name": "b", "features": []},
+                                      {"name": "c", "features": ["node-addresses"]}]}).nodes
+    assert [n.features for n in nodes] == [None, (), ("node-addresses",)]
+    message = error({"nodes": [{"name": "a", "features": "node-addresses"}]})
+    assert "nodes[0].features must be a list" in message and "\n" not in message

@@ -82,8 +82,8 @@ def parse(data: Any, *, source: str = "mesh") -> MeshFile:
             public_key=raw.get("publicKey") if isinstance(raw.get("publicKey"), str) else None,
             created=float(created),
             # Absent: every node runs this version. A list: what that node's agent supports.
-            features=(tuple(str(f) for f in raw["features"])
-                      if isinstance(raw.get("features"), list) else None),
+            features=(None if raw.get("features") is None else tuple(
+                str(f) for f in _list(raw["features"], f"{where}.features", source))),
         ))
     return MeshFile(MeshConfig(listen_port=port, persistent_keepalive=keepalive,
                                cluster_cidrs=tuple(cluster)), tuple(nodes))
