@@ -417,10 +417,17 @@ def phase_times(run: RotateRun, events: list[Event],
         marks.append(first(node, "wireguard-go started", start))
         published = first(node, "next public key published", start,
                           lambda e: e.fields.get("public_key") not in (None, "None"))
-        marks.append(published)
-        switched = [first(peer, "reconciled", published,
+        # Peers switch in a pass after the node's clone-to-both steering; the agent logs
+        # its publish only once the API server has answered, and the watch can deliver
+        # the change to a peer before that: the publish happened before the first switch.
+        steered = first(node, "reconciled", start,
+                        lambda e: e.fields.get("key_rotation") == "switch")
+        switched = [first(peer, "reconciled", steered,
                           lambda e: int(e.fields.get("peer_ops", 0)) > 0)
-                    for peer in names if peer != node] if published is not None else [None]
+                    for peer in names if peer != node] if steered is not None else [None]
+        if published is not None and None not in switched:
+            published = min(published, *(t for t in switched if t is not None))
+        marks.append(published)
         marks.append(None if None in switched else max(t for t in switched if t is not None))
         done = first(node, "key rotation completed", published or start)
         marks.append(done)

@@ -46,3 +46,23 @@ def test_get_looks_at_one_node_without_copying_the_others() -> None:
     cache.apply(Synced((A, B), "1"))
     assert cache.get("b") == (True, B)
     assert cache.get("c") == (True, None)
+
+
+def test_a_next_key_published_or_withdrawn_is_a_key_move_until_the_next_take() -> None:
+    """The agent skips its debounce for those: the rotating node's new device holds our
+    traffic back until we switch (and sends it twice then)."""
+    from dataclasses import replace
+    cache = NodeCache()
+    cache.apply(Synced((A, B), "1"))
+    cache.take()
+    cache.apply(Upserted(replace(A, addresses=("10.0.0.7",))))
+    assert not cache.key_moved()  # any other change waits for the debounce as before
+    cache.apply(Upserted(replace(A, next_public_key="next-a", next_port="51821")))
+    assert cache.key_moved()
+    cache.take()
+    assert not cache.key_moved()
+    cache.apply(Upserted(replace(A, next_public_key=None, next_port=None)))  # rolled back
+    assert cache.key_moved()
+    cache.take()
+    cache.apply(Upserted(NodeSpec("c", ("10.0.0.3",), (), "key-c", next_public_key="n")))
+    assert not cache.key_moved()  # a node we never saw: an ordinary join

@@ -22,6 +22,8 @@ class NodeCache:
         self._synced = False
         self._changed: set[str] = set()
         self._relisted = False
+        # A node published or withdrew a next key since the last take: it waits for us.
+        self._key_moved = False
 
     def apply(self, event: WatchEvent) -> bool:
         """Records the event; False when it changed nothing (a duplicate or a heartbeat)."""
@@ -30,8 +32,12 @@ class NodeCache:
                 self._nodes = {n.name: n for n in event.nodes}
                 self._synced = self._relisted = True
             elif isinstance(event, Upserted):
-                if self._nodes.get(event.node.name) == event.node:
+                old = self._nodes.get(event.node.name)
+                if old == event.node:
                     return False  # a status heartbeat or an unrelated field
+                if old is not None and (old.next_public_key, old.next_port) != (
+                        event.node.next_public_key, event.node.next_port):
+                    self._key_moved = True
                 self._nodes[event.node.name] = event.node
                 self._changed.add(event.node.name)
             elif isinstance(event, Deleted):
@@ -49,8 +55,17 @@ class NodeCache:
         every node on every event."""
         with self._lock:
             changed = None if self._relisted else self._changed
-            self._changed, self._relisted = set(), False
+            self._changed, self._relisted, self._key_moved = set(), False, False
             return dict(self._nodes), changed
+
+    def key_moved(self) -> bool:
+        """Whether a node published or withdrew a next key since the last take.
+
+        Such a node is mid-rotation and its new device holds back our traffic until we
+        switch (``wgmanager.core.rotation``): the pass for it goes without the debounce,
+        as every millisecond of it is a packet its peers will receive twice."""
+        with self._lock:
+            return self._key_moved
 
     def get(self, name: str) -> tuple[bool, NodeSpec | None]:
         """(whether the first complete list arrived, one node): the main loop's look at

@@ -196,6 +196,10 @@ class Agent:
         publish_backoff = Backoff(initial=0.5, maximum=10.0)
         next_resync = time.monotonic() + self.timing.resync_interval
         next_publish = 0.0
+        # Our own rotation moved on: its next pass and annotation write go at once, not
+        # after the debounce (every wait there is a window in which the rotating node's
+        # new device stages copies its peers will receive twice).
+        urgent = False
         poll = self.reconciler.settings.rotation.poll_interval
         try:
             while not self._stop.is_set():
@@ -213,9 +217,11 @@ class Agent:
                 if self._stop.is_set():
                     break
                 if fired:
-                    self._stop.wait(coalesce_delay(time.monotonic(), self._last_pass_end,
-                                                   self.timing.debounce))
+                    if not (urgent or self.cache.key_moved()):
+                        self._stop.wait(coalesce_delay(time.monotonic(), self._last_pass_end,
+                                                       self.timing.debounce))
                     self._dirty.clear()
+                urgent = False
                 synced, me = self.cache.get(self.node_name)
                 if not synced:
                     continue
@@ -262,7 +268,7 @@ class Agent:
                     outcome = self.rotator.after_reconcile(result.rotation)
                     if (self.rotator.state, self.rotator.steered) != before:
                         self._dirty.set()  # apply the new state (and publish it) right away
-                        next_publish = 0.0
+                        next_publish, urgent = 0.0, True
                     if outcome is not None:
                         self._report_rotation(outcome)
                 except Exception as e:

@@ -101,6 +101,11 @@ class MeshIndex:
         """The pod CIDRs of the local node and every accepted node."""
         return self._claims
 
+    def owner(self, key: PublicKey) -> Node | None:
+        """The accepted remote node whose peer key ``key`` is (O(1): the key index)."""
+        name = self._key_owner.get(key)
+        return None if name is None or self.mesh is None else self.mesh.nodes.get(name)
+
     def full(self, specs: Mapping[str, NodeSpec], *, local_key: PublicKey,
              quarantined: frozenset[str] = frozenset()) -> Mesh:
         """``compute_mesh`` against the previous mesh; rebuilds the indexes."""

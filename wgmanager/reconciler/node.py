@@ -11,7 +11,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from pyroute2 import IPRoute
 
 from wgmanager.config import NodeSettings, wireguard_mtu
-from wgmanager.core.handshake import handshakes_to_start
+from wgmanager.core.handshake import handshakes_to_start, rotation_roles
 from wgmanager.core.keys import PrivateKey, PublicKey
 from wgmanager.core.mesh import Mesh, datapath_map, old_device_peers
 from wgmanager.core.meshindex import MeshChange, MeshIndex
@@ -20,6 +20,7 @@ from wgmanager.core.model import (
     Endpoint,
     IPNetwork,
     MeshConfig,
+    Node,
     NodeSpec,
     PeerConfig,
     PeerState,
@@ -37,6 +38,7 @@ from wgmanager.core.plan import (
 )
 from wgmanager.core.rotation import (
     SLOTS,
+    Phase,
     RotationState,
     confirmed,
     layout,
@@ -100,6 +102,9 @@ class NodeReconciler:
         # Peers we follow in the first handshake, by interface: when to check that the
         # leader's handshake arrived (see wgmanager.core.handshake).
         self._following: dict[str, dict[PublicKey, float]] = {}
+        # The rotation (request) whose new device started its first handshakes in this
+        # process (_claim_first_handshakes).
+        self._claimed: str | None = None
         self._clock: Callable[[], float] = time.monotonic
         # Kept between passes so that an event costs work for the nodes it changed (see
         # reconcile): the mesh and its indexes, the device as our acknowledged operations
@@ -301,7 +306,8 @@ class NodeReconciler:
             # While we rotate, the old device keeps the keys it holds (old_device_peers).
             ops = self._apply_peers(cur, mesh, keep_held=rot.rotation is not None)
             if alt is not None:
-                ops += self._apply_peers(alt, mesh, keep_held=False)
+                ops += self._apply_peers(alt, mesh, keep_held=False, new_device=True)
+                self._claim_first_handshakes(alt, rot, remote)
             device = cur.read()
             alt_device = alt.read() if alt is not None else None
             stale = stale_sessions(rot, remote, device, alt_device)
@@ -358,7 +364,8 @@ class NodeReconciler:
             device_started = time.monotonic()
             # The first handshakes ride in the same request as the peers they are for: one
             # wait for the device's configuration lock per pass, not three.
-            kicks = self._handshakes_due(cur, model.header.public_key, new_peers(ops))
+            kicks = self._handshakes_due(cur, model.header.public_key, new_peers(ops),
+                                         new_device=False)
             cur.apply([*ops, *handshake_kicks(kicks)])
             model.apply(ops)
             device_s = time.monotonic() - device_started
@@ -451,7 +458,7 @@ class NodeReconciler:
                              mtu, mesh)
 
     def _apply_peers(self, backend: WireGuardBackend, mesh: Mesh, *,
-                     keep_held: bool) -> list[PeerOp]:
+                     keep_held: bool, new_device: bool = False) -> list[PeerOp]:
         state = backend.read()
         desired = (old_device_peers(mesh, state, self.mesh_config) if keep_held
                    else mesh.peers)
@@ -464,20 +471,47 @@ class NodeReconciler:
         self._written_endpoints[backend.ifname] = {
             k: p.endpoint for k, p in desired.items() if p.endpoint is not None}
         start_handshakes(backend, self._handshakes_due(backend, state.public_key,
-                                                       new_peers(ops)))
+                                                       new_peers(ops), new_device=new_device))
         return ops
 
+    def _claim_first_handshakes(self, alt: WireGuardBackend, rot: RotationState,
+                                remote: Iterable[Node]) -> None:
+        """Makes our new device start (and so rate-limit) its first handshake with every
+        peer that is not rotating, once per rotation and process, in the pass that steers
+        copies into it and before the next key goes out.
+
+        Those peers start the handshake themselves the moment they learn our next key
+        (``wgmanager.core.handshake``). The first copy steered into the new device would
+        make it start one too; if that one left late (a loaded machine), it could cross
+        the peer's and leave the pair without a session for WireGuard's 5 s. Started here,
+        ours goes out before anyone knows the key (it is rejected) and the device starts
+        no other for 5 s."""
+        r = rot.rotation
+        if r is None or r.phase is not Phase.SWITCH or self._claimed == r.request:
+            return
+        start_handshakes(alt, [n.public_key for n in remote if not n.rotating])
+        self._claimed = r.request
+
     def _handshakes_due(self, backend: WireGuardBackend, own: PublicKey | None,
-                        added: list[PublicKey]) -> list[PublicKey]:
+                        added: list[PublicKey], *, new_device: bool) -> list[PublicKey]:
         """The peers to kick now: new peers we lead, and peers we follow whose check fell
         due (the device starts a handshake only where the leader's did not arrive:
         ``wgmanager.core.handshake``). During a key rotation that handshake is also the
-        peer's confirmation."""
+        peer's confirmation, and the side that learns the next key starts it at once
+        (``rotation_roles``); ``new_device``: ``backend`` is our rotation's new device."""
         pending = self._following.get(backend.ifname, {})
         now = self._clock()
         if own is None or not (added or any(t <= now for t in pending.values())):
             return []
-        keys, pending = handshakes_to_start(own, added, pending, now)
+        rotating = {k: node.rotating for k in added
+                    if (node := self._index.owner(k)) is not None}
+        rot = self._rotation.rotation
+        age = (time.time() - rot.started if rot is not None and rot.phase is Phase.SWITCH
+               else None)  # SWITCH began just before our next key went out
+        at_once, never = rotation_roles(added, rotating, new_device=new_device,
+                                        own_next_key_age=age)
+        keys, pending = handshakes_to_start(own, added, pending, now, at_once=at_once,
+                                            never=never)
         self._following[backend.ifname] = pending
         return keys
 
