@@ -29,7 +29,9 @@ rotating node's new device meets each peer with a key that peer has never seen: 
 handshake (started by the first packet steered into it) is rejected, and WireGuard will not
 start another for 5 s. So the peer that learns a next key starts the handshake at once,
 whatever the order of the keys, and the rotating node's new device never starts one towards a
-peer that is not rotating itself: no initiations can cross. Measured before this rule
+peer that is not rotating itself: it is not kicked, and it holds no endpoint for such peers
+(``wgmanager.core.mesh.new_device_peers``), so not even the first packet steered into it can
+start one. No initiations can cross. Measured before this rule
 (`bench/rotation.py`, 5 nodes): the follower half of the peers waited out ``FOLLOWER_WAIT``,
 so their traffic to and from the rotating node sat 0.5 s in wireguard-go's staged queue
 (ping round trips of 500 ms, a 0.52 s TCP stall, bursts of late duplicates) and overflowed

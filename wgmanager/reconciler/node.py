@@ -13,14 +13,13 @@ from pyroute2 import IPRoute
 from wgmanager.config import NodeSettings, wireguard_mtu
 from wgmanager.core.handshake import handshakes_to_start, rotation_roles
 from wgmanager.core.keys import PrivateKey, PublicKey
-from wgmanager.core.mesh import Mesh, datapath_map, old_device_peers
+from wgmanager.core.mesh import Mesh, datapath_map, new_device_peers, old_device_peers
 from wgmanager.core.meshindex import MeshChange, MeshIndex
 from wgmanager.core.model import (
     Action,
     Endpoint,
     IPNetwork,
     MeshConfig,
-    Node,
     NodeSpec,
     PeerConfig,
     PeerState,
@@ -102,9 +101,6 @@ class NodeReconciler:
         # Peers we follow in the first handshake, by interface: when to check that the
         # leader's handshake arrived (see wgmanager.core.handshake).
         self._following: dict[str, dict[PublicKey, float]] = {}
-        # The rotation (request) whose new device started its first handshakes in this
-        # process (_claim_first_handshakes).
-        self._claimed: str | None = None
         self._clock: Callable[[], float] = time.monotonic
         # Kept between passes so that an event costs work for the nodes it changed (see
         # reconcile): the mesh and its indexes, the device as our acknowledged operations
@@ -307,7 +303,6 @@ class NodeReconciler:
             ops = self._apply_peers(cur, mesh, keep_held=rot.rotation is not None)
             if alt is not None:
                 ops += self._apply_peers(alt, mesh, keep_held=False, new_device=True)
-                self._claim_first_handshakes(alt, rot, remote)
             device = cur.read()
             alt_device = alt.read() if alt is not None else None
             stale = stale_sessions(rot, remote, device, alt_device)
@@ -461,7 +456,7 @@ class NodeReconciler:
                      keep_held: bool, new_device: bool = False) -> list[PeerOp]:
         state = backend.read()
         desired = (old_device_peers(mesh, state, self.mesh_config) if keep_held
-                   else mesh.peers)
+                   else new_device_peers(mesh) if new_device else mesh.peers)
         written = self._written_endpoints.get(backend.ifname, {})
         planned = plan_peers(desired, adopt_roamed_endpoints(desired, state.peers, written))
         retiring = self._retiring.setdefault(backend.ifname, {})
@@ -473,24 +468,6 @@ class NodeReconciler:
         start_handshakes(backend, self._handshakes_due(backend, state.public_key,
                                                        new_peers(ops), new_device=new_device))
         return ops
-
-    def _claim_first_handshakes(self, alt: WireGuardBackend, rot: RotationState,
-                                remote: Iterable[Node]) -> None:
-        """Makes our new device start (and so rate-limit) its first handshake with every
-        peer that is not rotating, once per rotation and process, in the pass that steers
-        copies into it and before the next key goes out.
-
-        Those peers start the handshake themselves the moment they learn our next key
-        (``wgmanager.core.handshake``). The first copy steered into the new device would
-        make it start one too; if that one left late (a loaded machine), it could cross
-        the peer's and leave the pair without a session for WireGuard's 5 s. Started here,
-        ours goes out before anyone knows the key (it is rejected) and the device starts
-        no other for 5 s."""
-        r = rot.rotation
-        if r is None or r.phase is not Phase.SWITCH or self._claimed == r.request:
-            return
-        start_handshakes(alt, [n.public_key for n in remote if not n.rotating])
-        self._claimed = r.request
 
     def _handshakes_due(self, backend: WireGuardBackend, own: PublicKey | None,
                         added: list[PublicKey], *, new_device: bool) -> list[PublicKey]:
