@@ -17,7 +17,6 @@ from wgmanager.core.mesh import (
     compute_mesh,
     datapath_map,
     held_key,
-    new_device_peers,
     old_device_peers,
     parse_node,
 )
@@ -414,21 +413,3 @@ def test_keystore_keeps_the_state_and_destroys_retired_keys(tmp_path: Path) -> N
     store.write_state("rotation.json", "{garbage")
     assert store.load_rotation() == RotationState(slot=0)
 
-
-@pytest.mark.parametrize("b_rotates", [False, True])
-def test_the_new_device_holds_no_endpoint_for_peers_that_are_not_rotating(
-        b_rotates: bool) -> None:
-    """A peer that is not rotating starts every handshake with our new device (it learns
-    our next key and starts at once); with no endpoint the new device cannot start one
-    that would cross it. A rotating peer's new device and ours must reach each other."""
-    specs = [*_rotating_b(next_key=b_rotates),
-             NodeSpec("c", ("192.168.0.3",), ("10.244.3.0/24",), key(3).base64())]
-    mesh = compute_mesh(local_name="a", local_key=key(1), specs=specs, config=MeshConfig())
-    peers = new_device_peers(mesh)
-    assert set(peers) == set(mesh.peers)
-    for k, peer in peers.items():
-        assert peer.allowed_ips == mesh.peers[k].allowed_ips  # routing is untouched
-    assert peers[key(3)].endpoint is None
-    b = key(7) if b_rotates else key(2)
-    assert (peers[b].endpoint is not None) == b_rotates
-    assert peers[b].endpoint == (mesh.peers[b].endpoint if b_rotates else None)

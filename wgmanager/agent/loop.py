@@ -196,9 +196,9 @@ class Agent:
         publish_backoff = Backoff(initial=0.5, maximum=10.0)
         next_resync = time.monotonic() + self.timing.resync_interval
         next_publish = 0.0
-        # Our own rotation moved on: its next pass and annotation write go at once, not
-        # after the debounce (every wait there is a window in which the rotating node's
-        # new device stages copies its peers will receive twice).
+        # Our rotation's steering was just applied: the next pass and annotation write go
+        # at once, not after the debounce (every wait there is a window in which the new
+        # device stages copies its peers will receive twice).
         urgent = False
         poll = self.reconciler.settings.rotation.poll_interval
         try:
@@ -265,10 +265,14 @@ class Agent:
                     self._record(result, pending)
                     self._report_rejections(result)
                     before = (self.rotator.state, self.rotator.steered)
+                    steered = self.rotator.steered
                     outcome = self.rotator.after_reconcile(result.rotation)
                     if (self.rotator.state, self.rotator.steered) != before:
                         self._dirty.set()  # apply the new state (and publish it) right away
-                        next_publish, urgent = 0.0, True
+                        next_publish = 0.0
+                        # The copies now go into both devices: the next key goes out at
+                        # once, with no debounce (the other steps keep theirs).
+                        urgent = self.rotator.steered != steered
                     if outcome is not None:
                         self._report_rotation(outcome)
                 except Exception as e:

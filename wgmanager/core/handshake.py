@@ -29,9 +29,12 @@ rotating node's new device meets each peer with a key that peer has never seen: 
 handshake (started by the first packet steered into it) is rejected, and WireGuard will not
 start another for 5 s. So the peer that learns a next key starts the handshake at once,
 whatever the order of the keys, and the rotating node's new device never starts one towards a
-peer that is not rotating itself: it is not kicked, and it holds no endpoint for such peers
-(``wgmanager.core.mesh.new_device_peers``), so not even the first packet steered into it can
-start one. No initiations can cross. Measured before this rule
+peer that is not rotating itself after its own first one: that one it starts right after
+it got its peers, well before the next key goes out, so the peers reject it; WireGuard then
+starts no other for 5 s, not even for the first packet steered into the device. (Started
+just before the next key went out, it sometimes reached a loaded peer after the peer had
+learnt the key, crossed the peer's own, and left the pair without a session for 5 s: 2 of
+20 e2e runs.) No initiations can cross. Measured before this rule
 (`bench/rotation.py`, 5 nodes): the follower half of the peers waited out ``FOLLOWER_WAIT``,
 so their traffic to and from the rotating node sat 0.5 s in wireguard-go's staged queue
 (ping round trips of 500 ms, a 0.52 s TCP stall, bursts of late duplicates) and overflowed

@@ -13,7 +13,7 @@ import bisect
 import enum
 import ipaddress
 from collections.abc import Callable, Collection, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from wgmanager.core.keys import InvalidKey, PublicKey
 from wgmanager.core.model import (
@@ -375,24 +375,6 @@ def old_device_peers(mesh: Mesh, device: DeviceState,
             allowed_ips=newest.allowed_ips,
             persistent_keepalive=newest.persistent_keepalive)
     return peers
-
-
-def new_device_peers(mesh: Mesh) -> dict[PublicKey, PeerConfig]:
-    """The peers of the local node's new device while the local node rotates its key: the
-    mesh's, with no endpoint for the nodes that are not rotating themselves.
-
-    Those nodes start the first handshake with the new device the moment they learn its
-    key (wgmanager.core.handshake); the new device must never start one towards them. The
-    first copy steered into it would: sent before they know the key it is rejected, but if
-    it left late (a loaded wireguard-go) it crosses theirs, and the pair has no session
-    until WireGuard's retry 5 s later (seen twice in 20 e2e runs: a TCP stream stalled
-    5.1-5.2 s). With no endpoint the device cannot send one; it learns the endpoint from
-    the peer's own handshake, as WireGuard always does. Rotating nodes keep theirs: two new
-    devices must be able to start towards each other.
-    """
-    rotating = {n.public_key for n in mesh.nodes.values() if n.rotating}
-    return {k: p if k in rotating or p.endpoint is None else replace(p, endpoint=None)
-            for k, p in mesh.peers.items()}
 
 
 class Route(enum.Enum):

@@ -13,13 +13,14 @@ from pyroute2 import IPRoute
 from wgmanager.config import NodeSettings, wireguard_mtu
 from wgmanager.core.handshake import handshakes_to_start, rotation_roles
 from wgmanager.core.keys import PrivateKey, PublicKey
-from wgmanager.core.mesh import Mesh, datapath_map, new_device_peers, old_device_peers
+from wgmanager.core.mesh import Mesh, datapath_map, old_device_peers
 from wgmanager.core.meshindex import MeshChange, MeshIndex
 from wgmanager.core.model import (
     Action,
     Endpoint,
     IPNetwork,
     MeshConfig,
+    Node,
     NodeSpec,
     PeerConfig,
     PeerState,
@@ -101,6 +102,9 @@ class NodeReconciler:
         # Peers we follow in the first handshake, by interface: when to check that the
         # leader's handshake arrived (see wgmanager.core.handshake).
         self._following: dict[str, dict[PublicKey, float]] = {}
+        # The rotation (request) whose new device started its first handshakes in this
+        # process (_claim_first_handshakes).
+        self._claimed: str | None = None
         self._clock: Callable[[], float] = time.monotonic
         # Kept between passes so that an event costs work for the nodes it changed (see
         # reconcile): the mesh and its indexes, the device as our acknowledged operations
@@ -303,6 +307,7 @@ class NodeReconciler:
             ops = self._apply_peers(cur, mesh, keep_held=rot.rotation is not None)
             if alt is not None:
                 ops += self._apply_peers(alt, mesh, keep_held=False, new_device=True)
+                self._claim_first_handshakes(alt, rot, remote)
             device = cur.read()
             alt_device = alt.read() if alt is not None else None
             stale = stale_sessions(rot, remote, device, alt_device)
@@ -456,7 +461,7 @@ class NodeReconciler:
                      keep_held: bool, new_device: bool = False) -> list[PeerOp]:
         state = backend.read()
         desired = (old_device_peers(mesh, state, self.mesh_config) if keep_held
-                   else new_device_peers(mesh) if new_device else mesh.peers)
+                   else mesh.peers)
         written = self._written_endpoints.get(backend.ifname, {})
         planned = plan_peers(desired, adopt_roamed_endpoints(desired, state.peers, written))
         retiring = self._retiring.setdefault(backend.ifname, {})
@@ -468,6 +473,26 @@ class NodeReconciler:
         start_handshakes(backend, self._handshakes_due(backend, state.public_key,
                                                        new_peers(ops), new_device=new_device))
         return ops
+
+    def _claim_first_handshakes(self, alt: WireGuardBackend, rot: RotationState,
+                                remote: Iterable[Node]) -> None:
+        """Makes our new device start its first handshake with every peer that is not
+        rotating, once per rotation and process: in PREPARE, right after it got its peers,
+        well before the next key goes out (or in the first SWITCH pass of an agent that
+        restarted there).
+
+        Those peers start the handshake themselves the moment they learn our next key
+        (``wgmanager.core.handshake``). The first copy steered into the new device would
+        make it start one too; if that one reached a peer only after the peer had learnt
+        the key (a loaded wireguard-go), it would cross the peer's, and the pair would have
+        no session until WireGuard's retry 5 s later. Started here, ours is rejected long
+        before (the peers don't know the key yet), and the device starts no other for 5 s:
+        the copies wait for the peer's handshake."""
+        r = rot.rotation
+        if r is None or r.phase is Phase.ROLLBACK or self._claimed == r.request:
+            return
+        start_handshakes(alt, [n.public_key for n in remote if not n.rotating])
+        self._claimed = r.request
 
     def _handshakes_due(self, backend: WireGuardBackend, own: PublicKey | None,
                         added: list[PublicKey], *, new_device: bool) -> list[PublicKey]:
