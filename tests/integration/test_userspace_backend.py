@@ -217,14 +217,16 @@ class LivePair:
     session: PeerState  # ``a``'s view of ``b`` once settled
 
 
+def up_device(lab: Lab) -> tuple[UserspaceBackend, PrivateKey, int]:
+    """A wireguard-go device with a fresh key on a free port, link up: (device, key, port)."""
+    dev, key, port = lab.device(), PrivateKey.generate(), lab.port()
+    dev.configure(DeviceSettings(key, port))
+    lab.ip("link", "set", dev.ifname, "up")
+    return dev, key, port
+
+
 def live_pair(lab: Lab, allowed_ips: frozenset[IPNetwork]) -> LivePair:
-    a, b = lab.device(), lab.device()
-    a_key, b_key = PrivateKey.generate(), PrivateKey.generate()
-    a_port, b_port = lab.port(), lab.port()
-    a.configure(DeviceSettings(a_key, a_port))
-    b.configure(DeviceSettings(b_key, b_port))
-    for dev in (a, b):
-        lab.ip("link", "set", dev.ifname, "up")
+    (a, a_key, a_port), (b, b_key, b_port) = up_device(lab), up_device(lab)
     peer_b = PeerConfig(b_key.public_key, Endpoint(LOOPBACK, b_port), allowed_ips)
     a.apply([AddPeer(peer_b)])
     b.apply([AddPeer(PeerConfig(a_key.public_key, Endpoint(LOOPBACK, a_port),
@@ -764,12 +766,9 @@ def first_handshakes(lab: Lab, policy: Callable[..., tuple[list[PublicKey],
     """Two devices add each other at the same moment, each starting handshakes as ``policy``
     says (its follower checks included), with ``hold`` seconds of delay on the first packets;
     returns how long until both hold a session (10 s if never)."""
-    a, b = lab.device(), lab.device()
-    keys = {a.ifname: PrivateKey.generate(), b.ifname: PrivateKey.generate()}
-    ports = {a.ifname: lab.port(), b.ifname: lab.port()}
-    for dev in (a, b):
-        dev.configure(DeviceSettings(keys[dev.ifname], ports[dev.ifname]))
-        lab.ip("link", "set", dev.ifname, "up")
+    (a, ka, pa), (b, kb, pb) = up_device(lab), up_device(lab)
+    keys = {a.ifname: ka, b.ifname: kb}
+    ports = {a.ifname: pa, b.ifname: pb}
     with udp_relay(lab, ports[a.ifname], ports[b.ifname]) as (relay, towards_b, towards_a):
         relay_say(relay, "hold")
         started = time.monotonic()
@@ -818,15 +817,9 @@ def test_a_first_handshake_lost_to_a_peer_not_yet_knowing_us_is_started_again(
     """The leader's handshake reaches a follower that does not know it yet and is dropped;
     the follower's check starts one itself instead of leaving the pair dark until
     WireGuard's retry."""
-    a, b = lab.device(), lab.device()
-    ka, kb = PrivateKey.generate(), PrivateKey.generate()
-    (leader, lkey), (follower, fkey) = sorted(((a, ka), (b, kb)),
-                                              key=lambda d: d[1].public_key.raw)
-    lport, fport = lab.port(), lab.port()
-    leader.configure(DeviceSettings(lkey, lport))
-    follower.configure(DeviceSettings(fkey, fport))
-    for dev in (a, b):
-        lab.ip("link", "set", dev.ifname, "up")
+    (leader, lkey, lport), (follower, fkey, fport) = sorted(
+        (up_device(lab), up_device(lab)), key=lambda d: d[1].public_key.raw)
+    a, b = leader, follower
     to_follower = PeerConfig(fkey.public_key, Endpoint(LOOPBACK, fport), nets("10.98.2.0/24"))
     to_leader = PeerConfig(lkey.public_key, Endpoint(LOOPBACK, lport), nets("10.98.1.0/24"))
     started = time.monotonic()
@@ -854,13 +847,7 @@ def kicked_pair(lab: Lab) -> tuple[UserspaceBackend, UserspaceBackend, PrivateKe
     """Two devices, b already holding a's peer; a adds b's peer and its first-handshake
     kick in one request, as the reconciler does. Returns a, b, their keys and the
     monotonic time of that request."""
-    a, b = lab.device(), lab.device()
-    ka, kb = PrivateKey.generate(), PrivateKey.generate()
-    pa, pb = lab.port(), lab.port()
-    a.configure(DeviceSettings(ka, pa))
-    b.configure(DeviceSettings(kb, pb))
-    for dev in (a, b):
-        lab.ip("link", "set", dev.ifname, "up")
+    (a, ka, pa), (b, kb, pb) = up_device(lab), up_device(lab)
     b.apply([AddPeer(PeerConfig(ka.public_key, Endpoint(LOOPBACK, pa), nets("10.98.1.0/24")))])
     kicked_at = time.monotonic()
     a.apply([AddPeer(PeerConfig(kb.public_key, Endpoint(LOOPBACK, pb), nets("10.98.2.0/24"))),
