@@ -265,14 +265,13 @@ class Agent:
                     self._record(result, pending)
                     self._report_rejections(result)
                     before = (self.rotator.state, self.rotator.steered)
-                    steered = self.rotator.steered
                     outcome = self.rotator.after_reconcile(result.rotation)
                     if (self.rotator.state, self.rotator.steered) != before:
                         self._dirty.set()  # apply the new state (and publish it) right away
                         next_publish = 0.0
                         # The copies now go into both devices: the next key goes out at
                         # once, with no debounce (the other steps keep theirs).
-                        urgent = self.rotator.steered != steered
+                        urgent = self.rotator.steered != before[1]
                     if outcome is not None:
                         self._report_rotation(outcome)
                 except Exception as e:

@@ -26,12 +26,11 @@ O(1) event. The kick costs one 32-byte keepalive where the session is already up
 
 A key rotation is the one case where the order is known beforehand, so nobody waits. The
 rotating node's new device meets each peer with a key that peer has never seen: its first
-handshake (started by the first packet steered into it) is rejected, and WireGuard will not
-start another for 5 s. So the peer that learns a next key starts the handshake at once,
-whatever the order of the keys, and the rotating node's new device never starts one towards a
-peer that is not rotating itself after its own first one: that one it starts right after
-it got its peers, well before the next key goes out, so the peers reject it; WireGuard then
-starts no other for 5 s, not even for the first packet steered into the device. (Started
+handshake is rejected, and WireGuard will not start another for 5 s. So the peer that learns
+a next key starts the handshake at once, whatever the order of the keys, and the rotating
+node's new device starts exactly one towards each peer that is not rotating itself: right
+after it got its peers, well before the next key goes out, so the peers reject it; WireGuard
+then starts no other for 5 s, not even for the first packet steered into the device. (Started
 just before the next key went out, it sometimes reached a loaded peer after the peer had
 learnt the key, crossed the peer's own, and left the pair without a session for 5 s: 2 of
 20 e2e runs.) No initiations can cross. Measured before this rule
