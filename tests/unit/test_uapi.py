@@ -2,9 +2,10 @@
 
 ``FakeWireGuardGo`` below is a small interpreter of the ``set``/``get`` protocol with
 wireguard-go's semantics (peer sections, ``update_only``, ``remove``, ``replace_allowed_ips``,
-an allowed IP belonging to exactly one peer). The properties feed it what ``op_lines`` encodes
-and read it back with ``parse_get``, so the encoder, the decoder and the planner's reference
-model (``apply_peer_ops``) are checked against each other.
+an allowed IP belonging to exactly one peer, a new peer starting only when its section ends).
+The properties feed it what ``op_lines`` encodes and read it back with ``parse_get``, so the
+encoder, the decoder and the planner's reference model (``apply_peer_ops``) are checked against
+each other.
 """
 
 from __future__ import annotations
@@ -61,13 +62,22 @@ class FakePeer:
 
 
 class FakeWireGuardGo:
-    """wireguard-go's UAPI semantics, enough of them for wgmanager's requests."""
+    """wireguard-go's UAPI semantics, enough of them for wgmanager's requests.
+
+    Like wireguard-go (device/uapi.go, ``handlePostConfig``), a peer created by a request
+    starts only when its section ends, while each ``allowed_ip`` line moves that IP at once:
+    a packet for an IP held by a peer not yet started is dropped. ``stalled`` records every
+    IP a request moved from a running peer to one not yet started, unless that one was
+    removed in the same request (the throwaway that withdraws IPs).
+    """
 
     def __init__(self) -> None:
         self.private_key: bytes | None = None
         self.listen_port = 0
         self.fwmark = 0
         self.peers: dict[str, FakePeer] = {}  # hex public key -> peer, in creation order
+        self.running: set[str] = set()
+        self.stalled: list[tuple[IPNetwork, str]] = []  # (IP, the key it went to)
 
     @classmethod
     def holding(cls, states: dict[PublicKey, PeerState]) -> FakeWireGuardGo:
@@ -76,6 +86,7 @@ class FakeWireGuardGo:
             dev.peers[key.hex()] = FakePeer(st_.endpoint, st_.persistent_keepalive,
                                             sorted(st_.allowed_ips, key=str), rx=st_.rx_bytes,
                                             tx=st_.tx_bytes)
+        dev.running = set(dev.peers)
         return dev
 
     # -- transport
@@ -101,6 +112,7 @@ class FakeWireGuardGo:
         cur: str | None = None  # hex key of the peer the lines apply to
         ignoring = False  # an update_only section for a peer that does not exist
         created = False
+        stalled: list[tuple[IPNetwork, str]] = []
         for line in lines:
             key, sep, value = line.partition("=")
             if not sep:
@@ -109,6 +121,8 @@ class FakeWireGuardGo:
                 if len(value) != 2 * KEY_LEN or value != value.lower():
                     raise UapiError("bad key")
                 bytes.fromhex(value)
+                if cur in self.peers:
+                    self.running.add(cur)  # the section ended: the peer starts
                 cur, ignoring = value, False
                 created = cur not in self.peers
                 if created:
@@ -130,6 +144,7 @@ class FakeWireGuardGo:
                 if value != "true":
                     raise UapiError(line)
                 del self.peers[cur]
+                self.running.discard(cur)
                 ignoring = True
             elif key == "replace_allowed_ips":
                 if value != "true":
@@ -149,14 +164,19 @@ class FakeWireGuardGo:
                     raise UapiError(line) from None
                 if "/" not in value:
                     raise UapiError("allowed_ip needs a prefix length")
-                for other in self.peers.values():  # an allowed IP has one owner
+                for other_key, other in self.peers.items():  # an allowed IP has one owner
                     if ipnet in other.allowed:
                         other.allowed.remove(ipnet)
+                        if other_key in self.running and cur not in self.running:
+                            stalled.append((ipnet, cur))
                 peer.allowed.append(ipnet)
             elif key in ("preshared_key", "protocol_version"):
                 pass
             else:
                 raise UapiError(f"unknown peer key {key}")
+        if cur in self.peers:
+            self.running.add(cur)
+        self.stalled += [(ipnet, k) for ipnet, k in stalled if k in self.peers]
 
     def _device_line(self, key: str, value: str) -> None:
         if key == "private_key":
@@ -258,9 +278,10 @@ def test_add_peer_lines() -> None:
                       frozenset({net("10.0.1.0/24"), net("fd00::/64"), net("10.0.0.0/24")}), 25)
     assert uapi.op_lines(AddPeer(peer)) == [
         f"public_key={K1.hex()}",
-        "replace_allowed_ips=true",
         "endpoint=192.168.1.1:51820",
         "persistent_keepalive_interval=25",
+        f"public_key={K1.hex()}",  # the peer starts before it takes any IP
+        "replace_allowed_ips=true",
         "allowed_ip=10.0.0.0/24",
         "allowed_ip=10.0.1.0/24",
         "allowed_ip=fd00::/64",
@@ -287,15 +308,15 @@ def test_add_peer_ipv6_endpoint_is_bracketed() -> None:
 
 def test_add_peer_without_endpoint_or_ips() -> None:
     lines = uapi.op_lines(AddPeer(PeerConfig(K1, None, frozenset())))
-    assert lines == [f"public_key={K1.hex()}", "replace_allowed_ips=true",
-                     "persistent_keepalive_interval=0"]
+    assert lines == [f"public_key={K1.hex()}", "persistent_keepalive_interval=0",
+                     f"public_key={K1.hex()}", "replace_allowed_ips=true"]
 
 
 def test_add_peer_replace_precedes_every_allowed_ip() -> None:
     nets = frozenset(net(f"10.0.{i}.0/24") for i in range(5))
     lines = uapi.op_lines(AddPeer(PeerConfig(K1, None, nets)))
     replace_at = lines.index("replace_allowed_ips=true")
-    assert replace_at == 1
+    assert lines[replace_at - 1] == f"public_key={K1.hex()}"
     assert all(i > replace_at for i, ln in enumerate(lines) if ln.startswith("allowed_ip="))
 
 
@@ -588,6 +609,7 @@ def test_add_peer_takes_its_ips_from_any_other_peer(peer: PeerConfig,
     peers = read_back(dev)
     assert peers[peer.public_key].config() == peer
     assert peers[other.public_key].allowed_ips == other.allowed_ips - peer.allowed_ips
+    assert dev.stalled == [], "an IP moved to a peer wireguard-go had not started yet"
 
 
 @given(actual=actual_peers(), desired=desired_peers())
@@ -602,4 +624,24 @@ def test_planned_ops_through_wireguard_go_match_the_reference_model(
     got = read_back(dev)
     assert configs(got) == configs(apply_peer_ops(actual, ops))
     assert configs(got) == desired
+    # No IP a running peer held ever sat on a peer not started yet (its packets dropped).
+    assert dev.stalled == []
+
+
+def test_a_replacing_peer_is_running_before_it_takes_the_ips() -> None:
+    """A node's next key takes the node's CIDRs from its current key's peer (a rotation):
+    in one section, the CIDRs sat on a peer wireguard-go had not started, and packets for
+    them were dropped until the section ended (found by issue 16's e2e loop: 1-3 echoes at
+    a peer's switch under load). The model shows the old encoding fails the check."""
+    cidrs = frozenset({net("10.0.1.0/24"), net("fd00:1::/64")})
+    one_section = [f"public_key={K2.hex()}", "endpoint=192.0.2.1:51821",
+                   "replace_allowed_ips=true", *(f"allowed_ip={n}" for n in sorted(cidrs, key=str))]
+    for encoding in (uapi.op_lines(AddPeer(PeerConfig(K2, ep("192.0.2.1:51821"), cidrs))),
+                     one_section):
+        dev = FakeWireGuardGo()
+        run(dev, uapi.op_lines(AddPeer(PeerConfig(K1, ep("192.0.2.1:51820"), cidrs))))
+        run(dev, encoding)
+        assert read_back(dev)[K2].allowed_ips == cidrs
+        assert {k for _, k in dev.stalled} == (set() if encoding is not one_section
+                                               else {K2.hex()})
 

@@ -33,7 +33,10 @@ class AddPeer:
     removed first, which drops its sessions: the device then queues traffic for it and starts
     a handshake, instead of encrypting with a session the other side has forgotten (see
     ``wgmanager.core.rotation.stale_sessions``). Both backends do it in one request (one UAPI
-    request; one WG_CMD_SET_DEVICE), so no moment passes in which no peer holds the IPs."""
+    request; one WG_CMD_SET_DEVICE): the IPs have no peer only between the removal and the
+    re-add within it, and what is sent to that peer then would meet the forgotten session
+    anyway. A new peer that takes IPs from another (a node's next key) runs before it holds
+    any: ``wgmanager.wireguard.uapi.op_lines``."""
 
     peer: PeerConfig
     fresh: bool = False

@@ -54,12 +54,20 @@ def op_lines(op: PeerOp, throwaway: PublicKey | None = None) -> list[str]:
     """
     if isinstance(op, AddPeer):
         p = op.peer
-        # One request, so wireguard-go holds its configuration lock across remove and add.
-        lines = [f"public_key={p.public_key.hex()}", "remove=true"] if op.fresh else []
-        lines += [f"public_key={p.public_key.hex()}", "replace_allowed_ips=true"]
+        key = f"public_key={p.public_key.hex()}"
+        lines = [key, "remove=true"] if op.fresh else []
+        # Two sections for the one peer: the first creates it, and wireguard-go starts a
+        # peer only when its section ends (the next public_key line), while each allowed_ip
+        # line moves that CIDR to it at once. In one section, a packet for a CIDR taken from
+        # the peer it replaces (a node's next key) and read from the TUN before the section
+        # ended met a peer not yet running and was dropped without a word (issue 16's
+        # residual loss, 1-3 echoes at a peer's switch under load). Started first, the new
+        # peer queues those packets and handshakes.
+        lines.append(key)
         if p.endpoint is not None:
             lines.append(f"endpoint={p.endpoint}")
         lines.append(f"persistent_keepalive_interval={p.persistent_keepalive}")
+        lines += [key, "replace_allowed_ips=true"]
         lines += [f"allowed_ip={n}" for n in _sorted(p.allowed_ips)]
         return lines
     if isinstance(op, RemovePeer):
