@@ -73,6 +73,10 @@ class RotationSettings:
     interval: float = 0.0  # seconds between scheduled rotations per node; 0 = never
     timeout: float = 300.0  # peers must switch within this, else the rotation rolls back
     poll_interval: float = 0.25  # how often a rotating node looks for peer handshakes
+    # How long the copies go into both devices before the next key is published (or
+    # withdrawn, in a rollback): a packet sent through one device just before must be
+    # through both nodes' wireguard-go before the peer switches (wgmanager.agent.rotation).
+    settle: float = 0.1
 
 
 @dataclass(frozen=True, slots=True)

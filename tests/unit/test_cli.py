@@ -192,7 +192,19 @@ def test_agent_rotation_flags_reach_the_settings() -> None:
         "agent", "--node-name", "n", "--key-rotation-interval", "30d",
         "--key-rotation-timeout", "2m"])
     rot = cli.settings_from(args, "n", 51820).rotation
-    assert (rot.interval, rot.timeout) == (30 * 86400, 120)
+    assert (rot.interval, rot.timeout, rot.settle) == (30 * 86400, 120, 0.1)
+    args = cli.build_parser().parse_args(["agent", "--node-name", "n",
+                                          "--key-rotation-settle", "0.3"])
+    assert cli.settings_from(args, "n", 51820).rotation.settle == 0.3
+
+
+@pytest.mark.parametrize("value", ["-0.1", "6", "nan"])
+def test_a_settle_out_of_range_is_one_line_naming_the_flag_and_the_range(value: str) -> None:
+    args = cli.build_parser().parse_args(["agent", "--node-name", "n",
+                                          f"--key-rotation-settle={value}"])
+    with pytest.raises(ConfigError, match=r"^--key-rotation-settle .* out of range: give 0 "
+                                          r"to 5 seconds, e\.g\. 0\.1$"):
+        cli.settings_from(args, "n", 51820)
 
 
 def test_the_production_cli_has_no_crash_hook() -> None:

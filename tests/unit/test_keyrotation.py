@@ -46,14 +46,36 @@ WAITING = Progress(peers=1, confirmed=0, waiting=("n2",))
 DONE = Progress(peers=1, confirmed=1, waiting=())
 
 
-def rotate_once(rot: KeyRotator, request: str) -> None:
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+SETTLE = 0.1
+
+
+def rotate_once(rot: KeyRotator, request: str, clock: Clock) -> None:
     """One rotation, reconcile by reconcile, checking when the next key goes out."""
     rot.before_reconcile(me(request), [])
     assert rot.after_reconcile(None) is None  # PREPARE -> SWITCH persisted
     # SWITCH is on disk, but no reconcile has applied its clone-to-both steering yet: the
     # next key must not be published (peers would switch before we send to the new device).
     assert NEXT_KEY_ANNOTATION not in rot.annotations()
+    assert rot.settles_at() is None
     assert rot.after_reconcile(WAITING) is None  # the steering reconcile
+    # ... and not until the steering has been in place for `settle`: packets the old
+    # device took alone just before must reach the peers before they switch.
+    steered = clock.now
+    assert rot.settles_at() == steered + SETTLE
+    assert NEXT_KEY_ANNOTATION not in rot.annotations()
+    assert rot.after_reconcile(WAITING) is None  # a later pass does not restart the wait
+    clock.now = steered + SETTLE / 2
+    assert NEXT_KEY_ANNOTATION not in rot.annotations()
+    clock.now = steered + SETTLE
+    assert rot.settles_at() is None
     assert rot.annotations()[NEXT_KEY_ANNOTATION] is not None
     outcome = rot.after_reconcile(DONE)
     assert outcome is not None and outcome.completed
@@ -65,10 +87,12 @@ def test_the_next_key_waits_for_the_steering_in_every_rotation_of_a_process(
     """A second rotation in the same agent process published its next key before the
     steering reconcile (the steered phase was remembered without its request): peers
     switched up to a second early and the rotating node lost their replies."""
-    rot = KeyRotator(FakeReconciler(tmp_path), RotationSettings(timeout=60))  # type: ignore[arg-type]
-    rotate_once(rot, "r1")
-    rotate_once(rot, "r2")
-    rotate_once(rot, "r3")
+    clock = Clock()
+    rot = KeyRotator(FakeReconciler(tmp_path), RotationSettings(timeout=60, settle=SETTLE),  # type: ignore[arg-type]
+                     monotonic=clock)
+    rotate_once(rot, "r1", clock)
+    rotate_once(rot, "r2", clock)
+    rotate_once(rot, "r3", clock)
 
 
 class FullDisk(KeyStore):

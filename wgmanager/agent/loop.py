@@ -196,9 +196,10 @@ class Agent:
         publish_backoff = Backoff(initial=0.5, maximum=10.0)
         next_resync = time.monotonic() + self.timing.resync_interval
         next_publish = 0.0
-        # Our rotation's steering was just applied: the next pass and annotation write go
-        # at once, not after the debounce (every wait there is a window in which the new
-        # device stages copies its peers will receive twice).
+        # Our rotation's steering was just applied: the next pass goes at once, not after
+        # the debounce, and the next key once the steering has settled (``settles_at``:
+        # every wait beyond that is a window in which the new device stages copies its
+        # peers will receive twice).
         urgent = False
         poll = self.reconciler.settings.rotation.poll_interval
         try:
@@ -213,6 +214,9 @@ class Agent:
                 deadline = self.reconciler.next_deadline()  # a replaced peer to remove
                 if deadline is not None:
                     wait = max(0.0, min(wait, deadline - time.monotonic()))
+                settles = self.rotator.settles_at()  # then the next key goes out
+                if settles is not None:
+                    wait = max(0.0, min(wait, settles - time.monotonic()))
                 fired = self._dirty.wait(wait)
                 if self._stop.is_set():
                     break
@@ -226,6 +230,8 @@ class Agent:
                 if not synced:
                     continue
                 now = time.monotonic()
+                if settles is not None and now >= settles:
+                    next_publish = 0.0  # not after the status's half second
                 if now >= next_publish:
                     changes = self._annotation_changes(me)
                     if changes:

@@ -81,18 +81,21 @@ class Outcome:
 
 class KeyRotator:
     def __init__(self, reconciler: NodeReconciler, settings: RotationSettings, *,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self.reconciler = reconciler
         self.settings = settings
         self.store = reconciler.keystore
         self.state = self.store.load_rotation()
         self._clock = clock
+        self._monotonic = monotonic
         # The rotation (request, phase: SWITCH or ROLLBACK) whose steering a reconcile in
         # this process applied: only then may the next key be published (SWITCH) or
         # withdrawn (ROLLBACK). The request is part of it: a phase alone would still match
         # after the previous rotation in this process, and the next key would go out before
         # the clone-to-both steering (peers switched up to a second early, losing packets).
         self._steered: tuple[str, Phase] | None = None
+        self._steered_at = 0.0  # when (monotonic) that steering was applied
         self.progress: Progress | None = None
         # While the retired slot's device still receives: (its rx bytes, since when).
         self._draining: tuple[int, float] | None = None
@@ -114,6 +117,26 @@ class KeyRotator:
     def _steered_now(self) -> bool:
         rot = self.state.rotation
         return rot is not None and self._steered == (rot.request, rot.phase)
+
+    def settles_at(self) -> float | None:
+        """When (monotonic) the steering of this phase has been in place for ``settle``,
+        while that is still to come: only then does the next key go out (or, in a
+        rollback, away). None when nothing waits for it.
+
+        Why: a peer drops what our old device sent it from the moment it switches to our
+        next key, and only packets sent after the steering have a copy in the new device
+        that it accepts. So every packet our old device took alone, just before the
+        steering, must have crossed both nodes' wireguard-go before the peer switches.
+        The peer switches some 20-30 ms after the next key goes out; on a loaded node a
+        packet can spend longer than that in wireguard-go (the rotation e2e loop lost 1-17
+        echoes per failing run at load 4-12 without this wait). The copies sent during
+        the wait reach the peer twice: the wait costs ``settle`` of duplicates per peer.
+        """
+        rot = self.state.rotation
+        if rot is None or rot.phase is Phase.PREPARE or not self._steered_now():
+            return None
+        at = self._steered_at + self.settings.settle
+        return at if self._monotonic() < at else None
 
     # -- around each reconcile --------------------------------------------------------
 
@@ -156,7 +179,9 @@ class KeyRotator:
             self._save(prepared(self.state, now))
             self.checkpoint("switch-persisted")
             return None
-        self._steered = (rot.request, rot.phase)  # this reconcile applied its steering
+        if self._steered != (rot.request, rot.phase):
+            self._steered = (rot.request, rot.phase)  # this reconcile applied its steering
+            self._steered_at = self._monotonic()
         if progress is None:
             return None
         new = step(self.state, progress, now, self.settings.timeout)
@@ -221,12 +246,13 @@ class KeyRotator:
             ROTATION_STATUS_ANNOTATION: status_annotation(self._answered(), self.progress),
         }
         rot = self.state.rotation
-        if rot is not None and rot.phase is not Phase.PREPARE and not self._steered_now():
+        if rot is not None and rot.phase is not Phase.PREPARE and (
+                not self._steered_now() or self.settles_at() is not None):
             # SWITCH or ROLLBACK whose steering (copies into both devices) this process has
-            # not applied yet (it just started, or the phase just began): the next key is
-            # left as the Node has it. Publishing it could let peers switch before we send
-            # through the new device; withdrawing it could send peers back while we still
-            # send them only the new device's copy.
+            # not applied yet (it just started, or the phase just began), or applied less
+            # than ``settle`` ago: the next key is left as the Node has it. Publishing it
+            # could let peers switch before we send through the new device; withdrawing it
+            # could send peers back while we still send them only the new device's copy.
             return values
         if pub.next_slot is None:
             values[NEXT_KEY_ANNOTATION] = values[NEXT_PORT_ANNOTATION] = None
@@ -246,7 +272,8 @@ class KeyRotator:
     def published(self) -> None:
         """The annotations were written."""
         rot = self.state.rotation
-        if rot is not None and rot.phase is Phase.SWITCH and self._steered_now():
+        if (rot is not None and rot.phase is Phase.SWITCH and self._steered_now()
+                and self.settles_at() is None):
             self.checkpoint("switch-published")
 
     # -- internals --------------------------------------------------------------------

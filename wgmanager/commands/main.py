@@ -86,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="DURATION",
                    help="roll a rotation back if peers have not switched by then (default "
                         "5m)")
+    g.add_argument("--key-rotation-settle", type=float, default=0.1, metavar="SECONDS",
+                   help="how long a rotating node sends through both devices before it "
+                        "publishes its next key (default 0.1): longer protects packets "
+                        "delayed in a loaded node's WireGuard and costs as long of duplicate "
+                        "packets per peer")
     _node_flags(g)
 
     r = sub.add_parser("rotate-keys", help="rotate WireGuard keys without losing traffic "
@@ -227,8 +232,12 @@ def settings_from(args: argparse.Namespace, node_name: str,
     if getattr(args, "key_rotation_interval", None) is not None:
         if args.key_rotation_timeout <= 0:
             raise ConfigError("--key-rotation-timeout must be positive, e.g. 5m")
+        settle = args.key_rotation_settle
+        if not 0 <= settle <= MAX_SETTLE:
+            raise ConfigError(f"--key-rotation-settle {settle:g} is out of range: give 0 to "
+                              f"{MAX_SETTLE:g} seconds, e.g. 0.1")
         rotation = config.RotationSettings(interval=args.key_rotation_interval,
-                                           timeout=args.key_rotation_timeout)
+                                           timeout=args.key_rotation_timeout, settle=settle)
     return config.NodeSettings(
         node_name=node_name,
         state_dir=args.state_dir,
@@ -244,6 +253,9 @@ def settings_from(args: argparse.Namespace, node_name: str,
 
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+MAX_SETTLE = 5.0  # seconds; past that a rotation only gains duplicates and time
 
 
 def parse_duration(text: str) -> float:
