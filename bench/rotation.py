@@ -598,18 +598,20 @@ def measure_naive(lab: Lab, node: SimNode, segment: float) -> dict[str, Any]:
 
 
 def measure(nodes: int, concurrency: list[int], naive: bool,
-            tcp: bool = True) -> dict[str, Any]:
+            tcp: bool = True, settle: float | None = None) -> dict[str, Any]:
     prefix = benchlib.new_prefix()
     benchlib.run_dir(prefix)
     lab = Lab(benchlib.BENCH_ROOT / prefix, prefix=prefix, pin_root=benchlib.BENCH_PIN_ROOT)
     # JSON log lines carry millisecond timestamps for the phase timings.
     lab.agent_global_args = ("--log-format", "json")
-    raw: dict[str, Any] = {"nodes": nodes, "prefix": prefix, "tcp": tcp, "runs": []}
+    raw: dict[str, Any] = {"nodes": nodes, "prefix": prefix, "tcp": tcp, "runs": [],
+                           "settle": settle}
     segment = 30.0  # first stream connections: a guess; later ones follow the measured time
     try:
         log(f"rotation: lab {prefix}, {nodes} nodes, one pod each")
         t0 = time.monotonic()
-        lab.up(nodes=nodes, pods_per_node=1, progress=lambda m: log(f"  {m}"))
+        lab.up(nodes=nodes, pods_per_node=1, progress=lambda m: log(f"  {m}"),
+               agent_args=([] if settle is None else ["--key-rotation-settle", str(settle)]))
         raw["lab_up_s"] = round(time.monotonic() - t0, 1)
         for k in concurrency:
             wait_settled(lab)
@@ -747,10 +749,11 @@ def entries(raw: dict[str, Any]) -> list[Entry]:
 
 
 def run(*, full: bool = False, nodes: int = 5, concurrency: Sequence[int] = (1, 2),
-        naive: bool = True, tcp: bool = True) -> tuple[list[Entry], dict[str, Any]]:
+        naive: bool = True, tcp: bool = True,
+        settle: float | None = None) -> tuple[list[Entry], dict[str, Any]]:
     """bench/run.py's entry point (``full`` changes nothing: one lab, a few runs)."""
     del full
-    raw = measure(nodes, list(concurrency), naive, tcp)
+    raw = measure(nodes, list(concurrency), naive, tcp, settle)
     return entries(raw), raw
 
 
@@ -764,11 +767,14 @@ def main() -> int:
     p.add_argument("--no-tcp", dest="tcp", action="store_false",
                    help="pings only, no TCP streams (to tell a ping loss caused by the "
                         "streams' load from one caused by the rotation itself)")
+    p.add_argument("--settle", type=float, default=None, metavar="SECONDS",
+                   help="the agents' --key-rotation-settle (default: theirs), to measure "
+                        "what it costs in duplicates and protects")
     p.add_argument("--json", type=Path, help="also write the entries and raw data here")
     a = p.parse_args()
     benchlib.terminate_on_sigterm()
     rows, raw = run(nodes=a.nodes, concurrency=[int(k) for k in a.concurrency.split(",")],
-                    naive=a.naive, tcp=a.tcp)
+                    naive=a.naive, tcp=a.tcp, settle=a.settle)
     for r in rows:
         print(json.dumps(r))
     if a.json:

@@ -17,8 +17,10 @@ SWITCH   A publishes the next key and port (annotations). Every peer B switches 
          then starts a handshake with it at once. From then on B encrypts to, and accepts
          from, A's new device only. A does not know when B switches, so it sends each packet
          for B through both devices (eBPF clone): B accepts exactly one copy, the one from the
-         key it currently holds. A handshake from B on device t after the switch began is
-         B's confirmation; from then on A sends to B through device t only.
+         key it currently holds. (The steering comes first, and the next key goes out only
+         once it has been in place for a moment: ``KeyRotator.settles_at``.) A handshake
+         from B on device t after the switch began is B's confirmation; from then on A
+         sends to B through device t only.
 IDLE     Every peer has confirmed: slot t is the node's slot. A steers everything into
          device t, publishes the new key as its key (peers already use it: no change for
          them), deletes the old device and destroys the old private key.
