@@ -111,8 +111,8 @@ def pair() -> Iterator[Pair]:
     run_dir.mkdir(parents=True)
     (run_dir / "owner.pid").write_text(f"{os.getpid()}\n")
     # Two labs under one run dir: distinct interface names keep their socket dirs apart.
-    x_lab = Lab(prefix, run_dir, f"{prefix}-x")
-    y_lab = Lab(prefix, run_dir, f"{prefix}-y", _names=itertools.count(100),
+    x_lab = Lab(prefix, run_dir, f"{prefix}-nx")  # -n*: what cleanup_prefix removes
+    y_lab = Lab(prefix, run_dir, f"{prefix}-ny", _names=itertools.count(100),
                 _ports=itertools.count(FIRST_PORT + 100))
     try:
         for lab in (x_lab, y_lab):
