@@ -50,8 +50,9 @@ pytestmark = pytest.mark.timeout(900)
 
 NODES = 3
 # Each ping outlasts what it watches (measured: a new agent Ready 17-24 s after the delete,
-# every agent rolled 68-73 s after the upgrade), with a margin for a loaded machine.
-DELETE_PING_SECONDS = 45
+# once 47.7 s in a fresh-clone run of the whole suite; every agent rolled 68-73 s after the
+# upgrade), with a margin for a loaded machine.
+DELETE_PING_SECONDS = 90
 UPGRADE_PING_SECONDS = 120
 
 
